@@ -1,0 +1,103 @@
+// Pieces shared by the forward and backward scan kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/float_io.cuh"
+
+namespace spatial_mamba {
+namespace scan {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;
+// The official softplus switches to the identity above this value (SPEC §1.5 step 7), as F.softplus does.
+constexpr float kSoftplusThreshold = 20.f;
+
+// The affine map x -> a x + b; a scan of the recurrence x_t = a_t x_{t-1} + b_t composes these maps.
+struct Affine {
+  float a;
+  float b;
+};
+
+// Applies `first`, then `second`.
+__device__ __forceinline__ Affine then(Affine first, Affine second) {
+  return {first.a * second.a, fmaf(second.a, first.b, second.b)};
+}
+
+// Inclusive scan across the warp in lane order: lane i gets map_0, then map_1, ..., then map_i.
+__device__ __forceinline__ Affine warp_scan_forward(Affine v, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const Affine earlier = {__shfl_up_sync(kFullMask, v.a, offset), __shfl_up_sync(kFullMask, v.b, offset)};
+    if (lane >= offset) v = then(earlier, v);
+  }
+  return v;
+}
+
+// Inclusive scan across the warp in reverse lane order: lane i gets map_31, then map_30, ..., then map_i.
+__device__ __forceinline__ Affine warp_scan_reverse(Affine v, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const Affine later = {__shfl_down_sync(kFullMask, v.a, offset), __shfl_down_sync(kFullMask, v.b, offset)};
+    if (lane + offset < 32) v = then(later, v);
+  }
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float softplus(float v) { return v <= kSoftplusThreshold ? log1pf(expf(v)) : v; }
+
+// d softplus / dv = sigmoid(v) below the threshold, 1 above it.
+__device__ __forceinline__ float softplus_grad(float v) {
+  return v <= kSoftplusThreshold ? 1.f / (1.f + expf(-v)) : 1.f;
+}
+
+// Loads the kItems consecutive elements of one lane starting at `start`; positions from `length` on read 0.
+// kVec: the host checked that rows start on vector boundaries and length % kItems == 0, so a lane's items are all
+// inside the row or all outside it.
+template <typename T, int kItems, bool kVec>
+__device__ __forceinline__ void load_items(const T* row, int64_t start, int64_t length, float (&out)[kItems]) {
+  if constexpr (kVec) {
+    if (start < length) {
+      load_vector<T, kItems>(row + start, out);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) out[i] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) out[i] = start + i < length ? to_float(row[start + i]) : 0.f;
+  }
+}
+
+template <typename T, int kItems, bool kVec>
+__device__ __forceinline__ void store_items(T* row, int64_t start, int64_t length, const float (&in)[kItems]) {
+  if constexpr (kVec) {
+    if (start < length) store_vector<T, kItems>(row + start, in);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if (start + i < length) row[start + i] = from_float<T>(in[i]);
+    }
+  }
+}
+
+// Items per lane: a warp covers 32 * kItems positions per step, so short rows use short steps.
+template <typename F>
+cudaError_t dispatch_items(int64_t length, F&& launch) {
+  if (length <= 64) return launch(std::integral_constant<int, 2>{});
+  return launch(std::integral_constant<int, 8>{});
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace scan
+}  // namespace spatial_mamba

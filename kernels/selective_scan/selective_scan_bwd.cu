@@ -1,0 +1,157 @@
+// Backward selective scan, N = 1 (see selective_scan.h).
+//
+// With g_t = dL/dx_t (all paths), the adjoint runs right to left: g_t = dhs_t + a_{t+1} g_{t+1}, a_t = exp(Δ_t A).
+// Writing h_t = a_t g_t (what flows from step t into x_{t-1}) gives the affine recurrence
+// h_t = a_t h_{t+1} + a_t dhs_t, scanned like the forward (per-lane fold, warp shuffle scan, carry across steps)
+// but walking the row from its end. With x_{t-1} read from the saved forward output:
+//   du_t = g_t Δ_t B_t,  dB_t = Σ_d g_t Δ_t u_t,  dΔ_t = g_t (B_t u_t + A a_t x_{t-1}),  dA = Σ_t g_t a_t x_{t-1} Δ_t,
+//   ddelta_t = dΔ_t softplus'(delta_t + bias) (or dΔ_t without softplus),  ddelta_bias = Σ_t ddelta_t.
+// A block holds kBwdWarps warps that scan kBwdWarps channels of one batch element in lock step, so dB is first
+// summed over those channels in shared memory. The remaining sums (over channel groups for dB, over the batch for
+// dA and ddelta_bias) are partial outputs that the binding reduces: deterministic, and no atomics.
+#include "scan_common.cuh"
+#include "selective_scan.h"
+
+namespace spatial_mamba {
+namespace {
+
+constexpr int kBwdWarps = 8;
+
+template <typename T, int kItems, bool kVec>
+__global__ void __launch_bounds__(kBwdWarps * 32) selective_scan_bwd_kernel(ScanBwdParams p) {
+  using namespace scan;
+  constexpr int kStep = 32 * kItems;
+  __shared__ __align__(16) float dB_step[kBwdWarps][kStep];
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int64_t length = p.shape.length;
+  const int64_t groups = (p.shape.dim + kBwdWarps - 1) / kBwdWarps;
+  const int64_t b = blockIdx.x / groups;
+  const int64_t group = blockIdx.x % groups;
+  const int64_t d = group * kBwdWarps + warp;
+  const bool active = d < p.shape.dim;  // uniform across the warp; idle warps still join the block barriers
+  const int64_t row = b * p.shape.dim + (active ? d : 0);
+
+  const T* u = static_cast<const T*>(p.u) + row * length;
+  const T* delta = static_cast<const T*>(p.delta) + row * length;
+  const T* B = static_cast<const T*>(p.B) + b * length;
+  const float* hs = p.hs + row * length;
+  const float* dhs = p.dhs + row * length;
+  T* du = static_cast<T*>(p.du) + row * length;
+  T* ddelta = static_cast<T*>(p.ddelta) + row * length;
+  const float A = active ? p.A[d] : 0.f;
+  const float A_log2 = A * kLog2e;
+  const float bias = active && p.delta_bias != nullptr ? p.delta_bias[d] : 0.f;
+
+  float carry = 0.f;  // h entering the current step from its right; zero past the end of the row
+  float dA_sum = 0.f;
+  float dbias_sum = 0.f;
+  const int64_t steps = (length + kStep - 1) / kStep;
+  for (int64_t s = steps - 1; s >= 0; --s) {
+    const int64_t base = s * kStep;
+    const int64_t start = base + lane * kItems;
+    float dB_v[kItems];
+    if (active) {
+      float u_v[kItems], delta_v[kItems], B_v[kItems], x_v[kItems], dhs_v[kItems];
+      load_items<T, kItems, kVec>(u, start, length, u_v);
+      load_items<T, kItems, kVec>(delta, start, length, delta_v);
+      load_items<T, kItems, kVec>(B, start, length, B_v);
+      load_items<float, kItems, kVec>(hs, start, length, x_v);
+      load_items<float, kItems, kVec>(dhs, start, length, dhs_v);
+      // x_{t-1} for this lane's first item: the previous lane's last state, or the previous step's last state.
+      float x_before = __shfl_up_sync(kFullMask, x_v[kItems - 1], 1);
+      if (lane == 0) x_before = base > 0 ? hs[base - 1] : 0.f;
+
+      float raw[kItems], dt[kItems], decay[kItems];
+      Affine lane_map = {1.f, 0.f};
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) {
+        raw[i] = delta_v[i] + bias;
+        dt[i] = p.delta_softplus ? softplus(raw[i]) : raw[i];
+        // Past the end of the row dhs reads 0, so the map is the identity.
+        decay[i] = start + i < length ? exp2f(dt[i] * A_log2) : 1.f;
+        lane_map = then(lane_map, Affine{decay[i], decay[i] * dhs_v[i]});
+      }
+      const Affine inclusive = warp_scan_reverse(lane_map, lane);
+      Affine after = {__shfl_down_sync(kFullMask, inclusive.a, 1), __shfl_down_sync(kFullMask, inclusive.b, 1)};
+      if (lane == 31) after = {1.f, 0.f};
+
+      float h = fmaf(after.a, carry, after.b);
+      float du_v[kItems], ddelta_v[kItems];
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) {
+        const float g = dhs_v[i] + h;
+        const float decayed = decay[i] * (i > 0 ? x_v[i - 1] : x_before);  // a_t x_{t-1}
+        du_v[i] = g * dt[i] * B_v[i];
+        dB_v[i] = g * dt[i] * u_v[i];
+        dA_sum = fmaf(g * decayed, dt[i], dA_sum);
+        const float d_dt = g * fmaf(A, decayed, B_v[i] * u_v[i]);
+        ddelta_v[i] = p.delta_softplus ? d_dt * softplus_grad(raw[i]) : d_dt;
+        dbias_sum += ddelta_v[i];  // zero past the end of the row, where g = 0
+        h = decay[i] * g;
+      }
+      store_items<T, kItems, kVec>(du, start, length, du_v);
+      store_items<T, kItems, kVec>(ddelta, start, length, ddelta_v);
+
+      const Affine whole = {__shfl_sync(kFullMask, inclusive.a, 0), __shfl_sync(kFullMask, inclusive.b, 0)};
+      carry = fmaf(whole.a, carry, whole.b);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) dB_v[i] = 0.f;
+    }
+
+    // dB summed over the block's channels for this step's positions.
+    store_vector<float, kItems>(&dB_step[warp][lane * kItems], dB_v);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kStep; e += kBwdWarps * 32) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kBwdWarps; ++w) sum += dB_step[w][e];
+      if (base + e < length) p.dB_partial[(b * groups + group) * length + base + e] = sum;
+    }
+    __syncthreads();
+  }
+
+  dA_sum = warp_sum(dA_sum);
+  dbias_sum = warp_sum(dbias_sum);
+  if (active && lane == 0) {
+    p.dA_partial[b * p.shape.dim + d] = dA_sum;
+    p.ddelta_bias_partial[b * p.shape.dim + d] = dbias_sum;
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const ScanBwdParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.shape.batch * scan_bwd_dim_groups(p.shape.dim)));
+  return scan::dispatch_items(p.shape.length, [&](auto items) {
+    constexpr int kItems = decltype(items)::value;
+    const bool vec = p.shape.length % kItems == 0 && scan::aligned16(p.u) && scan::aligned16(p.delta) &&
+                     scan::aligned16(p.B) && scan::aligned16(p.hs) && scan::aligned16(p.dhs) &&
+                     scan::aligned16(p.du) && scan::aligned16(p.ddelta);
+    if (vec) {
+      selective_scan_bwd_kernel<T, kItems, true><<<grid, kBwdWarps * 32, 0, stream>>>(p);
+    } else {
+      selective_scan_bwd_kernel<T, kItems, false><<<grid, kBwdWarps * 32, 0, stream>>>(p);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace
+
+int64_t scan_bwd_dim_groups(int64_t dim) { return (dim + kBwdWarps - 1) / kBwdWarps; }
+
+cudaError_t launch_selective_scan_bwd(const ScanBwdParams& p, cudaStream_t stream) {
+  if (p.shape.batch * p.shape.dim == 0 || p.shape.length == 0) return cudaSuccess;
+  switch (p.kind) {
+    case ScalarKind::kFloat16:
+      return launch_typed<__half>(p, stream);
+    case ScalarKind::kBFloat16:
+      return launch_typed<__nv_bfloat16>(p, stream);
+    default:
+      return launch_typed<float>(p, stream);
+  }
+}
+
+}  // namespace spatial_mamba

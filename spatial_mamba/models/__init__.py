@@ -1,0 +1,17 @@
+from .backbone import SpatialMambaBackbone
+from .block import SpatialMambaBlock, SpatialMambaLayer
+from .spatial_mamba import VARIANTS, SpatialMamba, spatial_mamba_base, spatial_mamba_small, spatial_mamba_tiny
+from .ssm import StateFusion, StructureAwareSSM
+
+__all__ = [
+    "VARIANTS",
+    "SpatialMamba",
+    "SpatialMambaBackbone",
+    "SpatialMambaBlock",
+    "SpatialMambaLayer",
+    "StateFusion",
+    "StructureAwareSSM",
+    "spatial_mamba_base",
+    "spatial_mamba_small",
+    "spatial_mamba_tiny",
+]

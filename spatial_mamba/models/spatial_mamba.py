@@ -1,0 +1,299 @@
+"""Spatial-Mamba classifier (SPEC §1), its timm API and the registered constructors."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from ..checkpoint import checkpoint_filter_fn
+from .block import SpatialMambaLayer
+from .layers import Stem
+
+__all__ = ["SpatialMamba", "check_image_batch"]
+
+
+def check_image_batch(x: Any, in_chans: int) -> None:
+    """Rejects a batch the stem cannot take, naming what was expected (instead of failing inside a convolution)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected an image tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"expected a 4-D image batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected {in_chans} input channels (B, {in_chans}, H, W), got shape {tuple(x.shape)}; "
+            "channels-last or greyscale images must be converted first"
+        )
+    if not torch.is_floating_point(x):
+        raise TypeError(f"expected a floating-point, normalised image batch, got dtype {x.dtype}")
+
+
+def _expand_dims(dims: Union[int, Sequence[int]], num_stages: int) -> List[int]:
+    if isinstance(dims, int):
+        return [dims * 2**i for i in range(num_stages)]
+    dims = list(dims)
+    if len(dims) != num_stages:
+        raise ValueError(f"dims must be an int or have one entry per stage ({num_stages}), got {dims}")
+    return dims
+
+
+class SpatialMamba(nn.Module):
+    """Spatial-Mamba (Xiao et al., ICLR 2025): stem, four stages of SSM blocks with state fusion, LN + mean-pool head.
+
+    Constructor arguments and state-dict keys are the official ones, so official checkpoints load strictly.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: Sequence[int] = (2, 2, 9, 2),
+        dims: Union[int, Sequence[int]] = (96, 192, 384, 768),
+        d_state: Optional[int] = 1,
+        dt_init: str = "random",
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        use_checkpoint: bool = False,
+        global_pool: str = "avg",
+        **kwargs,
+    ):
+        super().__init__()
+        if patch_size != 4:
+            raise ValueError(f"the stem downsamples by 4; patch_size must be 4, got {patch_size}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        depths = list(depths)
+        dims = _expand_dims(dims, len(depths))
+        if d_state is None:
+            d_state = math.ceil(dims[0] / 6)
+        if d_state < 1:
+            raise ValueError(f"d_state must be >= 1, got {d_state}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.dims = dims
+        self.depths = depths
+        self.d_state = d_state
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.grad_checkpointing = use_checkpoint
+
+        self.patch_embed = Stem(in_chans, dims[0])
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            self.layers.append(
+                SpatialMambaLayer(
+                    dims[i],
+                    depth,
+                    drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                    downsample=i < len(depths) - 1,
+                    d_state=d_state,
+                    dt_init=dt_init,
+                    mlp_ratio=mlp_ratio,
+                    attn_drop_rate=attn_drop_rate,
+                    use_checkpoint=use_checkpoint,
+                )
+            )
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=4 * 2**i, module=f"layers.{i}") for i in range(len(depths))
+        ]
+        self.norm = nn.LayerNorm(self.num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Only Linear and LayerNorm are re-initialised; the SSM's bare Parameters keep their own init (SPEC §1.7).
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # --- timm API -------------------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # The official set; A_logs stays decayed as in the official recipe (SPEC §4.3, §7.10).
+        return {"absolute_pos_embed"}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {"relative_position_bias_table"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recomputes each block in the backward pass (the official ``--use-checkpoint`` never reached the model)."""
+        self.grad_checkpointing = enable
+        for layer in self.layers:
+            layer.use_checkpoint = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                                                      (r"^layers\.(\d+)\.downsample", (99999,)),
+                                                      (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # --- forward --------------------------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batch -> final channels-last token map (B, h, w, C4), after the final LayerNorm."""
+        check_image_batch(x, self.in_chans)
+        x = self.pos_drop(self.patch_embed(x))
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = self.avgpool(x.flatten(1, 2).transpose(1, 2)).flatten(1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature API: each selected stage's output before its downsampling, NCHW, strides 4/8/16/32."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take = _feature_indices(indices, len(self.layers))
+        check_image_batch(x, self.in_chans)
+        x = self.pos_drop(self.patch_embed(x))
+        intermediates = []
+        last = max(take)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_blocks(x)
+            if i in take:
+                feat = self.norm(x) if norm and i == len(self.layers) - 1 else x
+                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
+            if stop_early and i == last:
+                break
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Optional[Union[int, Sequence[int]]] = None, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        take = _feature_indices(indices, len(self.layers))
+        last = max(take)
+        self.layers = self.layers[: last + 1]
+        if self.layers[-1].downsample is not None:
+            self.layers[-1].downsample = None
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+def _feature_indices(indices: Optional[Union[int, Sequence[int]]], num_stages: int) -> List[int]:
+    if indices is None:
+        return list(range(num_stages))
+    if isinstance(indices, int):  # timm convention: an int n means the last n stages
+        if not 1 <= indices <= num_stages:
+            raise ValueError(f"indices as an int must be in 1..{num_stages}, got {indices}")
+        return list(range(num_stages - indices, num_stages))
+    take = [i + num_stages if i < 0 else i for i in indices]
+    if not take or any(not 0 <= i < num_stages for i in take):
+        raise ValueError(f"feature indices must be in [-{num_stages}, {num_stages}), got {list(indices)}")
+    return take
+
+
+# --- registered constructors ------------------------------------------------------------------------------------------
+def _cfg(**kwargs) -> Dict[str, Any]:
+    # Official eval transform: resize 256 (crop_pct 224/256), centre crop 224, bicubic, ImageNet mean/std (SPEC §4.3).
+    return dict(
+        url="",
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        pool_size=(7, 7),
+        crop_pct=0.875,
+        crop_mode="center",
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed.conv1.conv",
+        classifier="head",
+        license="apache-2.0",
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "spatial_mamba_tiny.in1k": _cfg(),
+        "spatial_mamba_small.in1k": _cfg(),
+        "spatial_mamba_base.in1k": _cfg(),
+    }
+)
+
+# Official variant hyper-parameters (SPEC §1.8).
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "spatial_mamba_tiny": dict(dims=64, depths=(2, 4, 8, 4), d_state=1, drop_path_rate=0.2),
+    "spatial_mamba_small": dict(dims=64, depths=(2, 4, 21, 5), d_state=1, drop_path_rate=0.3),
+    "spatial_mamba_base": dict(dims=96, depths=(2, 4, 21, 5), d_state=1, drop_path_rate=0.5),
+}
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> SpatialMamba:
+    model_args = {**VARIANTS[variant], **kwargs}
+    return build_model_with_cfg(
+        SpatialMamba,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **model_args,
+    )
+
+
+@register_model
+def spatial_mamba_tiny(pretrained: bool = False, **kwargs) -> SpatialMamba:
+    return _create("spatial_mamba_tiny", pretrained, **kwargs)
+
+
+@register_model
+def spatial_mamba_small(pretrained: bool = False, **kwargs) -> SpatialMamba:
+    return _create("spatial_mamba_small", pretrained, **kwargs)
+
+
+@register_model
+def spatial_mamba_base(pretrained: bool = False, **kwargs) -> SpatialMamba:
+    return _create("spatial_mamba_base", pretrained, **kwargs)

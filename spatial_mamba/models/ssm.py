@@ -1,0 +1,145 @@
+"""The token mixer: a raster-order selective scan whose hidden states are fused with dilated depthwise
+convolutions before the observation step (SPEC §1.5, §1.6; paper eqs. for x_t, h_t and y_t)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import selective_scan_fn, state_fusion
+
+__all__ = ["StateFusion", "StructureAwareSSM"]
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half types, as the official kernels require; float64 stays float64 (tests, double models)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class StateFusion(nn.Module):
+    """Structure-aware state fusion h_t = sum_k alpha_k x_{rho_k(t)}: three 3x3 depthwise kernels at dilations 1, 3, 5.
+
+    Training runs the three replicate-padded branches; evaluation runs one merged 11x11 kernel, which is exactly
+    equivalent (replicate padding, SPEC §7.2). The merged kernel is rebuilt from the current weights on every call:
+    the official code cached it on the first evaluation and kept using it after weight updates (SPEC §7.1).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        # All-ones initialisation, as in the official code (SPEC §1.6, §7.7).
+        self.kernel_3 = nn.Parameter(torch.ones(dim, 1, 3, 3))
+        self.kernel_3_1 = nn.Parameter(torch.ones(dim, 1, 3, 3))
+        self.kernel_3_2 = nn.Parameter(torch.ones(dim, 1, 3, 3))
+        self.alpha = nn.Parameter(torch.ones(3))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        kernels = (self.kernel_3, self.kernel_3_1, self.kernel_3_2)
+        repeats = h.shape[1] // self.kernel_3.shape[0]
+        if repeats > 1:  # d_state > 1: every state map of a channel shares that channel's kernels
+            kernels = tuple(k.repeat_interleave(repeats, dim=0) for k in kernels)
+        if self.training:
+            return state_fusion(h, *kernels, self.alpha, merged=False)
+        # The official eval kernel is fp32-only, so the fused state is computed in fp32 even under autocast.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return state_fusion(
+                _at_least_fp32(h), *(_at_least_fp32(k) for k in kernels), _at_least_fp32(self.alpha), merged=True
+            )
+
+
+class StructureAwareSSM(nn.Module):
+    """Mamba-style mixer with a 3x3 depthwise conv, a single raster scan and state fusion; input/output (B, h, w, C).
+
+    Parameter names and shapes follow the official checkpoints (VMamba's SS2D naming, SPEC §2.1).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 1,
+        d_conv: int = 3,
+        expand: int = 2,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        d_inner = int(expand * d_model)
+        dt_rank = math.ceil(d_model / 16)  # from the block width C, not d_inner (SPEC §7.6)
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
+        self.act = nn.SiLU()
+
+        # Rows [dt (R) ; B (N) ; C (N)], initialised like nn.Linear(d_inner, R + 2N) (SPEC §1.7).
+        x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.x_proj_weight = nn.Parameter(x_proj.weight.detach().clone())
+        self.dt_projs_weight = nn.Parameter(self._dt_weight_init(dt_rank, d_inner, dt_init, dt_scale))
+        self.dt_projs_bias = nn.Parameter(self._dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor))
+        # S4D-real init log(1..N); the official branch condition makes this the only init (SPEC §7.8).
+        self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.Ds = nn.Parameter(torch.ones(d_inner))
+
+        self.state_fusion = StateFusion(d_inner)
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    @staticmethod
+    def _dt_weight_init(dt_rank: int, d_inner: int, dt_init: str, dt_scale: float) -> torch.Tensor:
+        std = dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            return torch.full((d_inner, dt_rank), std)
+        return torch.empty(d_inner, dt_rank).uniform_(-std, std)
+
+    @staticmethod
+    def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
+        # dt log-uniform in [dt_min, dt_max]; the bias is its inverse softplus so that softplus(bias) == dt.
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        return dt + torch.log(-torch.expm1(-dt))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        length, d_inner, d_state = height * width, self.d_inner, self.d_state
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
+        u = x.reshape(batch, d_inner, length)  # row-major flatten: the raster scan order t = row * w + col
+
+        x_dbl = torch.einsum("bdl,cd->bcl", u, self.x_proj_weight.to(u.dtype))
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, d_state, d_state], dim=1)
+        dts = torch.einsum("brl,dr->bdl", dts, self.dt_projs_weight.to(dts.dtype))
+
+        A = -torch.exp(_at_least_fp32(self.A_logs))
+        hs = selective_scan_fn(
+            u,
+            dts.to(u.dtype).contiguous(),
+            A,
+            Bs.to(u.dtype).contiguous(),
+            delta_bias=_at_least_fp32(self.dt_projs_bias),
+            delta_softplus=True,
+        )  # (B, D, N, L) float32 hidden states x_t
+
+        hf = self.state_fusion(hs.view(batch, d_inner * d_state, height, width))
+        hf = hf.view(batch, d_inner, d_state, length)
+        # Observation y_t = C_t h_t + D u_t, with D applied here and not in the scan (SPEC §7.5).
+        if d_state == 1:
+            y = hf[:, :, 0] * Cs + u * self.Ds[:, None]
+        else:
+            y = torch.einsum("bdnl,bnl->bdl", hf, Cs.to(hf.dtype)) + u * self.Ds[:, None]
+
+        y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, d_inner))
+        y = y * F.silu(z)
+        out = self.out_proj(y)
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return out

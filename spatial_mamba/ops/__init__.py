@@ -1,0 +1,20 @@
+"""Custom ops of Spatial-Mamba: the hidden-state selective scan and the replicate-padded depthwise convolution.
+
+Importing this package registers every backend that exists: the pure-PyTorch reference always, the Triton kernels
+when Triton imports, and the compiled CUDA extension when it was built.
+"""
+
+from . import backend
+from .dwconv2d import depthwise_conv2d_replicate
+from .selective_scan import selective_scan_fn
+from .state_fusion import merge_state_fusion_kernels, state_fusion
+
+__all__ = [
+    "backend",
+    "depthwise_conv2d_replicate",
+    "merge_state_fusion_kernels",
+    "selective_scan_fn",
+    "state_fusion",
+]
+from . import triton_scan  # noqa: F401  registers the Triton kernels when Triton imports
+from . import _cuda  # noqa: F401  registers the compiled kernels when they were built

@@ -1,0 +1,95 @@
+"""Small generated scenes for the OpenMMLab end-to-end tests, written in the COCO and ADE20K layouts.
+
+Each scene is a smooth random background with a few of scikit-learn's 8x8 handwritten digits (real data that needs
+no download) upscaled, coloured and pasted on it; the pasted pixels give exact instance masks and class maps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+DIGIT_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def make_scene(
+    rng: np.random.Generator, size: int = 96, max_objects: int = 3
+) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]:
+    """Returns an RGB image (size, size, 3) uint8 and its visible instances as (digit, boolean mask) pairs."""
+    digits = load_digits()
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    low, high = rng.uniform(0, 110, 3), rng.uniform(0, 110, 3)
+    image = low + (high - low) * (0.5 * (yy + xx))[..., None] + rng.normal(0, 4, (size, size, 3))
+    instances: List[Tuple[int, np.ndarray]] = []
+    for _ in range(rng.integers(1, max_objects + 1)):
+        index = rng.integers(len(digits.images))
+        side = int(rng.integers(size // 4, size // 2))
+        glyph = Image.fromarray((digits.images[index] * 255 / 16).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+        mask = np.zeros((size, size), bool)
+        top, left = rng.integers(0, size - side, 2)
+        mask[top : top + side, left : left + side] = np.asarray(glyph) > 96
+        image[mask] = rng.uniform(160, 255, 3)
+        # Later digits occlude earlier ones: keep only the visible part of each mask.
+        instances = [(label, m & ~mask) for label, m in instances]
+        instances.append((int(digits.target[index]), mask))
+    instances = [(label, m) for label, m in instances if m.sum() >= 16]
+    return np.clip(image, 0, 255).astype(np.uint8), instances
+
+
+def write_coco(root: Path, splits: Sequence[Tuple[str, int]], seed: int = 0, size: int = 96) -> None:
+    """Writes ``root/{split}2017/*.jpg`` and ``root/annotations/instances_{split}2017.json`` (RLE masks)."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    categories = [dict(id=i + 1, name=name) for i, name in enumerate(DIGIT_CLASSES)]
+    for split, count in splits:
+        (root / f"{split}2017").mkdir(exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(1, count + 1):
+            image, instances = make_scene(rng, size)
+            file_name = f"{image_id:012d}.jpg"
+            Image.fromarray(image).save(root / f"{split}2017" / file_name, quality=95)
+            images.append(dict(id=image_id, file_name=file_name, height=size, width=size))
+            for label, mask in instances:
+                rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+                x, y, w, h = mask_utils.toBbox(rle).tolist()
+                annotations.append(
+                    dict(
+                        id=len(annotations) + 1,
+                        image_id=image_id,
+                        category_id=label + 1,
+                        bbox=[x, y, w, h],
+                        area=float(mask.sum()),
+                        iscrowd=0,
+                        segmentation=dict(size=rle["size"], counts=rle["counts"].decode()),
+                    )
+                )
+        (root / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps(dict(images=images, annotations=annotations, categories=categories))
+        )
+
+
+def write_ade20k(root: Path, splits: Sequence[Tuple[str, int]], seed: int = 0, size: int = 96) -> None:
+    """Writes ``root/images/{split}/*.jpg`` and ``root/annotations/{split}/*.png``.
+
+    ADE20K label maps keep 0 for "other" (dropped by ``reduce_zero_label``); here the background is label 1 and digit
+    d is label d + 2, i.e. classes 0 and d + 1 after the reduction.
+    """
+    rng = np.random.default_rng(seed)
+    for split, count in splits:
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            image, instances = make_scene(rng, size)
+            labels = np.ones((size, size), np.uint8)
+            for digit, mask in instances:
+                labels[mask] = digit + 2
+            name = f"ADE_{split}_{index:08d}"
+            Image.fromarray(image).save(root / "images" / split / f"{name}.jpg", quality=95)
+            Image.fromarray(labels).save(root / "annotations" / split / f"{name}.png")

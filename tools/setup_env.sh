@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One set-up path for every README command: creates (or reuses) .venv in the repository root with the pinned
+# development environment and this package installed in editable mode.
+#
+#   bash tools/setup_env.sh          # core: torch, timm, ... and spatial_mamba
+#   bash tools/setup_env.sh --mm     # core + mmcv 2.1.0 (built once per machine, cached) + mmdet/mmseg/mmpretrain
+#
+# The mmcv wheel is cached in $SPATIAL_MAMBA_CACHE (default ~/.cache/spatial_mamba), keyed by the mmcv, torch and
+# Python versions, so only the first run on a machine pays the ~7 minute build.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+CACHE="${SPATIAL_MAMBA_CACHE:-$HOME/.cache/spatial_mamba}"
+WITH_MM=0
+for arg in "$@"; do
+  case "$arg" in
+    --mm) WITH_MM=1 ;;
+    *) echo "setup_env.sh: unknown argument '$arg' (expected --mm)" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "[setup] $*"; }
+
+stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+if [ ! -x "$PY" ]; then
+  log "creating virtual environment at $VENV"
+  python3 -m venv "$VENV"
+fi
+
+CORE_STAMP="$(stamp_of "$ROOT/requirements-dev.txt" "$ROOT/setup.py")"
+if [ "$(cat "$VENV/.core-stamp" 2>/dev/null)" != "$CORE_STAMP" ]; then
+  log "installing the pinned development environment (requirements-dev.txt)"
+  "$PY" -m pip install -q --upgrade pip "setuptools<70" wheel
+  "$PY" -m pip install -q -r "$ROOT/requirements-dev.txt"
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
+  echo "$CORE_STAMP" > "$VENV/.core-stamp"
+else
+  log "core environment is up to date"
+fi
+
+if [ "$WITH_MM" = 1 ]; then
+  MM_STAMP="$(stamp_of "$ROOT/requirements-mm.txt" "$ROOT/tools/setup_env.sh")"
+  if [ "$(cat "$VENV/.mm-stamp" 2>/dev/null)" != "$MM_STAMP" ]; then
+    MMCV_VERSION=2.1.0
+    TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+    PY_TAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+    WHEELS="$CACHE/wheels/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$PY_TAG-cpuops"
+    if ! ls "$WHEELS"/mmcv-*.whl >/dev/null 2>&1; then
+      log "building mmcv $MMCV_VERSION with its CPU ops against torch $TORCH_VERSION (about 7 minutes on 2 cores)"
+      WORK="$(mktemp -d)"
+      mkdir -p "$WHEELS.tmp"
+      # mmcv's setup.py imports pkg_resources, which setuptools >= 81 no longer ships, and it must build against the
+      # installed torch (no build isolation). torch itself requires setuptools >= 77.0.3, so rather than downgrade
+      # the environment's setuptools, only the build (this subshell) sees a private copy of the last release that
+      # still has pkg_resources.
+      (
+        "$PY" -m pip install -q --target "$WORK/build-tools" "setuptools>=77.0.3,<81"
+        export PYTHONPATH="$WORK/build-tools${PYTHONPATH:+:$PYTHONPATH}"
+        "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$WORK" "mmcv==$MMCV_VERSION"
+        tar -xzf "$WORK/mmcv-$MMCV_VERSION.tar.gz" -C "$WORK"
+        # torch >= 2.6 headers need C++20; mmcv 2.1.0's setup.py hard-codes -std=c++17.
+        sed -i 's/-std=c++17/-std=c++20/g' "$WORK/mmcv-$MMCV_VERSION/setup.py"
+        cd "$WORK/mmcv-$MMCV_VERSION"
+        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
+          "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WHEELS.tmp" .
+      )
+      rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
+      rm -rf "$WORK"
+    else
+      log "using cached mmcv wheel from $WHEELS"
+    fi
+    "$PY" -m pip install -q --no-deps "$WHEELS"/mmcv-*.whl
+    "$PY" -m pip install -q addict yapf packaging Pillow "opencv-python-headless" rich termcolor
+    "$PY" -m pip install -q -r "$ROOT/requirements-mm.txt"
+    "$PY" -c "import mmcv, mmdet, mmseg, mmpretrain; from mmcv.ops import nms, RoIAlign"
+    echo "$MM_STAMP" > "$VENV/.mm-stamp"
+  else
+    log "OpenMMLab environment is up to date"
+  fi
+fi
+log "ready: $VENV"
