@@ -41,6 +41,9 @@ def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` so that readers see the old file or the complete new one, never a partial one."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint gets the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

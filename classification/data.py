@@ -245,12 +245,24 @@ def build_dataset(is_train: bool, config, rank: int = 0, world_size: int = 1):
         ) from None
 
 
-def build_loader(config, dist_info: DistInfo):
-    """Returns the train and val datasets and loaders, and the Mixup/CutMix function (None when off)."""
+def build_loader(config, dist_info: DistInfo, train: bool = True):
+    """Returns the train loader (None when ``train`` is False: evaluation reads only the val split), the val loader
+    and the Mixup/CutMix function (None when off)."""
     check_data_path(config)
-    dataset_train = build_dataset(True, config, dist_info.rank, dist_info.world_size)
-    dataset_val = build_dataset(False, config, dist_info.rank, dist_info.world_size)
     batch, world = config.DATA.BATCH_SIZE, dist_info.world_size
+    workers = config.DATA.NUM_WORKERS
+    common = dict(
+        num_workers=workers,
+        pin_memory=config.DATA.PIN_MEMORY and dist_info.device.type == "cuda",
+        persistent_workers=config.DATA.PERSISTENT_WORKERS and workers > 0,
+    )
+    dataset_val = build_dataset(False, config, dist_info.rank, world)
+    sampler_val = ShardSampler(len(dataset_val), dist_info.rank, world)
+    loader_val = DataLoader(dataset_val, batch_size=batch, sampler=sampler_val, drop_last=False, **common)
+    if not train:
+        logger.info("data: %d val images from %r", len(dataset_val), config.DATA.DATA_PATH)
+        return None, loader_val, None
+    dataset_train = build_dataset(True, config, dist_info.rank, world)
     if len(dataset_train) < batch * world:
         raise UsageError(
             f"the train split of {config.DATA.DATA_PATH!r} has {len(dataset_train)} images, fewer than one batch "
@@ -262,15 +274,7 @@ def build_loader(config, dist_info: DistInfo):
         sampler_train = DistributedSampler(
             dataset_train, num_replicas=world, rank=dist_info.rank, shuffle=True, seed=config.SEED
         )
-    sampler_val = ShardSampler(len(dataset_val), dist_info.rank, world)
-    workers = config.DATA.NUM_WORKERS
-    common = dict(
-        num_workers=workers,
-        pin_memory=config.DATA.PIN_MEMORY and dist_info.device.type == "cuda",
-        persistent_workers=config.DATA.PERSISTENT_WORKERS and workers > 0,
-    )
     loader_train = DataLoader(dataset_train, batch_size=batch, sampler=sampler_train, drop_last=True, **common)
-    loader_val = DataLoader(dataset_val, batch_size=batch, sampler=sampler_val, drop_last=False, **common)
     logger.info(
         "data: %d train and %d val images from %r, %d train steps per epoch (batch %d x %d processes)",
         len(dataset_train),
@@ -280,4 +284,4 @@ def build_loader(config, dist_info: DistInfo):
         batch,
         world,
     )
-    return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)
+    return loader_train, loader_val, build_mixup(config)

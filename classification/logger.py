@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Dict, List
 
-__all__ = ["FILE_ONLY", "create_logger", "append_metrics", "read_metrics"]
+__all__ = ["FILE_ONLY", "create_logger", "close_logger", "append_metrics", "read_metrics"]
 
 # ``logger.error(..., extra={FILE_ONLY: True})`` goes to the log file but not to the console.
 FILE_ONLY = "file_only"
@@ -35,16 +35,23 @@ def create_logger(output_dir: str, rank: int) -> logging.Logger:
     for handler in handlers:
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
         handler._classification_run = True  # marks the handlers this function owns
+    close_logger()
     for name in _LOGGERS:
         log = logging.getLogger(name)
         log.setLevel(logging.INFO)
         log.propagate = False
-        for old in [h for h in log.handlers if getattr(h, "_classification_run", False)]:
-            log.removeHandler(old)
-            old.close()
         for handler in handlers:
             log.addHandler(handler)
     return logging.getLogger("classification")
+
+
+def close_logger() -> None:
+    """Detaches and closes the handlers of :func:`create_logger` (the end of a run)."""
+    for name in _LOGGERS:
+        log = logging.getLogger(name)
+        for handler in [h for h in log.handlers if getattr(h, "_classification_run", False)]:
+            log.removeHandler(handler)
+            handler.close()
 
 
 def append_metrics(path: str, record: Dict[str, float]) -> None:

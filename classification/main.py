@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import logging
 import os
 import sys
@@ -49,7 +50,7 @@ from classification.engine import (
     train_one_epoch,
     validate,
 )
-from classification.logger import FILE_ONLY, append_metrics, create_logger, read_metrics
+from classification.logger import FILE_ONLY, append_metrics, close_logger, create_logger, read_metrics
 from classification.models import build_model
 from classification.optim import build_optimizer, build_scheduler, lr_scale
 from classification.plot import plot_training_curves
@@ -60,6 +61,7 @@ CURVES_PNG = "training_curves.png"
 METRICS = "metrics.jsonl"
 
 logger = logging.getLogger("classification")
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def str2bool(value: str) -> bool:
@@ -133,9 +135,10 @@ def choose_checkpoint(config, training: bool):
 
 def run_throughput(config, model, dist_info: DistInfo, amp) -> int:
     """Measures on rank 0 only (one process is what the numbers mean); the other ranks wait and exit cleanly."""
+    if config.DATA.DATA_PATH:
+        check_data_path(config)  # on every rank, so that none is left waiting for a rank that stopped
     if dist_info.is_main:
         if config.DATA.DATA_PATH:
-            check_data_path(config)
             dataset = build_dataset(False, config)
             loader = torch.utils.data.DataLoader(dataset, batch_size=config.DATA.BATCH_SIZE, shuffle=False)
             images = next(iter(loader))[0]
@@ -177,6 +180,8 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
     if config.FUSED_LAYERNORM:
         logger.warning("--fused_layernorm has no effect: Spatial-Mamba uses torch's LayerNorm")
     amp = resolve_amp(config, dist_info.device)
+    if dist_info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the official script (fixed input size)
 
     torch.manual_seed(config.SEED)  # the same initial weights on every rank, so each rank's EMA starts equal
     model = build_model(config)
@@ -200,7 +205,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
             model.load_state_dict(read_checkpoint(config.MODEL.PRETRAINED, model, None)["model"])
         return run_throughput(config, model, dist_info, amp)
 
-    _, _, loader_train, loader_val, mixup_fn = build_loader(config, dist_info)
+    loader_train, loader_val, mixup_fn = build_loader(config, dist_info, train=training)
     ckpt_path, resuming = choose_checkpoint(config, training)
     if config.EVAL_MODE and not ckpt_path:
         raise UsageError("--eval needs weights to evaluate: pass --pretrained CKPT or --resume CKPT")
@@ -229,7 +234,9 @@ def train(config, dist_info, model, model_ema, checkpoint, resuming, loader_trai
     model_without_ddp = model
     if dist_info.world_size > 1:
         device_ids = [dist_info.local_rank] if device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # No buffer broadcast in the forward pass, as the official run (torch 2.14 renamed the argument).
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGS else "broadcast_buffers"
+        model = DistributedDataParallel(model, device_ids=device_ids, **{no_sync: False})
     optimizer = build_optimizer(config, model_without_ddp)
     loss_scaler = GradScalerWithNorm(amp)
     n_iter_per_epoch = len(loader_train) // config.TRAIN.ACCUMULATION_STEPS
@@ -376,6 +383,7 @@ def main(argv=None) -> int:
         print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
         return 2
     finally:
+        close_logger()
         cleanup()
 
 

@@ -20,12 +20,14 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-__all__ = ["DEFAULT_ARCH_LIST", "EXTENSIONS", "cuda_build_plan", "find_cuda_home"]
+__all__ = ["CONVENTIONAL_CUDA_HOME", "DEFAULT_ARCH_LIST", "EXTENSIONS", "cuda_build_plan", "find_cuda_home"]
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ARCH_LIST = "9.0"
+# Where toolkits are installed by convention; tried last.
+CONVENTIONAL_CUDA_HOME = Path("/usr/local/cuda")
 
 # Module name -> sources, relative to the repository root (setup.py's directory).
 EXTENSIONS: Dict[str, List[str]] = {
@@ -93,7 +95,7 @@ def find_cuda_home() -> str:
     nvcc = shutil.which("nvcc")
     if nvcc is not None:
         candidates += _toolkit_candidates(Path(nvcc))
-    candidates.append(Path("/usr/local/cuda"))
+    candidates.append(CONVENTIONAL_CUDA_HOME)
     looked = []
     for candidate in candidates:
         if str(candidate) in looked:

@@ -7,7 +7,7 @@ measured in train mode, so the state fusion counts its three dilated 3x3 branche
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Tuple
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ def count_flops(
     model: nn.Module,
     input_shape: Tuple[int, int, int] = (3, 224, 224),
     train: bool = True,
-    forward: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
+    forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
 ) -> int:
     """Returns the FLOPs (fvcore multiply-add convention) of one forward pass on a single image.
 
@@ -39,11 +39,15 @@ def count_flops(
     ``model(image)`` for models that take more than an image (OpenMMLab detectors and segmentors).
     """
     model = copy.deepcopy(model).train(train)
+    for module in model.modules():
+        # BN statistics do not change the count, and eval-mode BN also runs on 1x1 maps of a single image.
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
     extra = [0]
 
     def norm_hook(module: nn.Module, inputs, output):
         affine = getattr(module, "weight", None) is not None
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not train:
             extra[0] += inputs[0].numel() * (2 if affine else 1)
         else:
             extra[0] += inputs[0].numel() * (5 if affine else 4)

@@ -29,7 +29,12 @@ def report() -> str:
             probe = torch.empty(0, device=device)
             try:
                 chosen = backend.choose(op, probe)[0]
-                why = f"forced by {backend.ENV_VAR}" if forced else "first available in the order cuda, triton, reference"
+                if forced:
+                    why = f"forced by {backend.ENV_VAR}"
+                elif device == "cpu":
+                    why = "CPU tensors use the reference unless a backend is forced"
+                else:
+                    why = "first available in the order cuda, triton, reference"
                 lines.append(f"  -> on {device.upper()} tensors: {chosen} ({why})")
             except RuntimeError as err:
                 lines.append(f"  -> on {device.upper()} tensors: error: {err}")

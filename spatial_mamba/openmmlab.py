@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import os
 import os.path as osp
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -59,10 +60,10 @@ class MMSpatialMamba(SpatialMambaBackbone, BaseModule):
     def __init__(
         self,
         out_indices: Sequence[int] = (0, 1, 2, 3),
-        pretrained: Optional[str] = None,
+        pretrained: str | None = None,
         norm_layer: str = "ln",
         key: str = "model",
-        init_cfg: Optional[dict] = None,
+        init_cfg: dict | None = None,
         **model_kwargs,
     ):
         unknown = sorted(set(model_kwargs) - set(_MODEL_ARGS))
@@ -80,7 +81,7 @@ class MMSpatialMamba(SpatialMambaBackbone, BaseModule):
         # the network is built exactly once; init_cfg is attached afterwards.
         super().__init__(out_indices=out_indices, pretrained=pretrained, norm_layer=norm_layer, key=key, **model_kwargs)
         self.init_cfg = init_cfg
-        self.pretrained_key = key
+        self.pretrained, self.pretrained_key = pretrained, key
 
     def init_weights(self) -> None:
         cfg = self.init_cfg
@@ -96,6 +97,13 @@ class MMSpatialMamba(SpatialMambaBackbone, BaseModule):
             self.load_pretrained(cfg["checkpoint"], self.pretrained_key)
             self._is_init = True
             return
+        if cfg is None and self.pretrained is None:
+            print_log(
+                "MM_SpatialMamba: neither pretrained nor init_cfg is set, the backbone is randomly initialised "
+                "(unless load_from or --resume restores the whole model)",
+                logger="current",
+                level=logging.WARNING,
+            )
         super().init_weights()
 
 
@@ -162,7 +170,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
 
 
-def train(argv: Optional[List[str]] = None) -> None:
+def train(argv: List[str] | None = None) -> None:
     """``tools/train.py CONFIG [--work-dir DIR] [--amp] [--auto-scale-lr] [--resume [CKPT]] [--cfg-options ...]``."""
     parser = argparse.ArgumentParser(description="Train a Spatial-Mamba detector or segmentor")
     parser.add_argument("config", help="config file")
@@ -198,7 +206,7 @@ def train(argv: Optional[List[str]] = None) -> None:
     _build_runner(cfg).train()
 
 
-def test(argv: Optional[List[str]] = None) -> dict:
+def test(argv: List[str] | None = None) -> dict:
     """``tools/test.py CONFIG CHECKPOINT [--tta] [--work-dir DIR] [--cfg-options ...]``; returns the metrics."""
     parser = argparse.ArgumentParser(description="Evaluate a Spatial-Mamba detector or segmentor")
     parser.add_argument("config", help="config file")
@@ -227,7 +235,7 @@ def test(argv: Optional[List[str]] = None) -> dict:
     return _build_runner(cfg).test()
 
 
-def flops(default_shape: Sequence[int], argv: Optional[List[str]] = None) -> int:
+def flops(default_shape: Sequence[int], argv: List[str] | None = None) -> int:
     """``tools/get_flops.py CONFIG [--shape H W]``: parameters and FLOPs of one inference on an H x W input.
 
     FLOPs follow the fvcore convention of the official numbers (one multiply-add = 1 FLOP, SPEC §3c) and include the
@@ -262,4 +270,3 @@ def flops(default_shape: Sequence[int], argv: Optional[List[str]] = None) -> int
     params = sum(p.numel() for p in model.parameters())
     print(f"Input shape: (3, {height}, {width})\nFlops: {total / 1e9:.1f}G\nParams: {params / 1e6:.1f}M")
     return total
-

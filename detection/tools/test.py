@@ -1,7 +1,7 @@
 """Evaluates a Spatial-Mamba detector with mmdet.
 
-    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options KEY=VALUE ...]
-                         [--launcher {none,pytorch,slurm,mpi}]
+python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--cfg-options KEY=VALUE ...]
+                     [--launcher {none,pytorch,slurm,mpi}]
 """
 
 import os

@@ -1,7 +1,7 @@
 """Trains a Spatial-Mamba detector with mmdet.
 
-    python tools/train.py CONFIG [--work-dir DIR] [--amp] [--auto-scale-lr] [--resume [CKPT]]
-                                 [--cfg-options KEY=VALUE ...] [--launcher {none,pytorch,slurm,mpi}]
+python tools/train.py CONFIG [--work-dir DIR] [--amp] [--auto-scale-lr] [--resume [CKPT]]
+                             [--cfg-options KEY=VALUE ...] [--launcher {none,pytorch,slurm,mpi}]
 """
 
 import os

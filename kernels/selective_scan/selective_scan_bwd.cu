@@ -4,7 +4,8 @@
 // Writing h_t = a_t g_t (what flows from step t into x_{t-1}) gives the affine recurrence
 // h_t = a_t h_{t+1} + a_t dhs_t, scanned like the forward (per-lane fold, warp shuffle scan, carry across steps)
 // but walking the row from its end. With x_{t-1} read from the saved forward output:
-//   du_t = g_t Δ_t B_t,  dB_t = Σ_d g_t Δ_t u_t,  dΔ_t = g_t (B_t u_t + A a_t x_{t-1}),  dA = Σ_t g_t a_t x_{t-1} Δ_t,
+//   du_t = g_t Δ_t B_t,   dB_t = Σ_d g_t Δ_t u_t,   dΔ_t = g_t (B_t u_t + A a_t x_{t-1}),
+//   dA = Σ_t g_t a_t x_{t-1} Δ_t,
 //   ddelta_t = dΔ_t softplus'(delta_t + bias) (or dΔ_t without softplus),  ddelta_bias = Σ_t ddelta_t.
 // A block holds kBwdWarps warps that scan kBwdWarps channels of one batch element in lock step, so dB is first
 // summed over those channels in shared memory. The remaining sums (over channel groups for dB, over the batch for

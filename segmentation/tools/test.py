@@ -1,7 +1,7 @@
 """Evaluates a Spatial-Mamba segmentor with mmseg.
 
-    python tools/test.py CONFIG CHECKPOINT [--tta] [--work-dir DIR] [--cfg-options KEY=VALUE ...]
-                         [--launcher {none,pytorch,slurm,mpi}]
+python tools/test.py CONFIG CHECKPOINT [--tta] [--work-dir DIR] [--cfg-options KEY=VALUE ...]
+                     [--launcher {none,pytorch,slurm,mpi}]
 """
 
 import os

@@ -18,3 +18,4 @@ __all__ = [
 ]
 from . import triton_scan  # noqa: F401  registers the Triton kernels when Triton imports
 from . import _cuda  # noqa: F401  registers the compiled kernels when they were built
+from . import triton_dwconv2d  # noqa: F401  registers the Triton kernels when Triton imports

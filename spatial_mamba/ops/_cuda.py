@@ -13,9 +13,9 @@ handles odd kernel sizes 3 to 11 with any dilation. Other cases raise a ValueErr
 backend; ``available()`` reports only whether the extension was built, since it does not see the shapes.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library.custom_op reads the annotations to build each op's schema.
 import importlib
+import warnings
 from types import ModuleType
 from typing import Callable, Optional, Tuple
 
@@ -40,7 +40,9 @@ def _import_extension(name: str) -> Tuple[Optional[ModuleType], str]:
         return None, f"extension not built: run {BUILD_COMMAND}"
     except (ImportError, OSError) as error:
         # Typically built against another torch or CUDA version than the one installed now.
-        return None, f"extension {qualified} does not load ({error}); rebuild it: {BUILD_COMMAND}"
+        why = f"extension {qualified} does not load ({error}); rebuild it: {BUILD_COMMAND}"
+        warnings.warn(f"spatial_mamba: {why}", RuntimeWarning, stacklevel=2)
+        return None, why
 
 
 _scan_ext, _scan_why = _import_extension("_selective_scan_cuda")

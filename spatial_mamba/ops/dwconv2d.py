@@ -32,7 +32,9 @@ def depthwise_conv2d_replicate(x: torch.Tensor, weight: torch.Tensor, dilation: 
         dilation: int >= 1.
     """
     if x.dim() != 4:
-        raise ValueError(f"depthwise_conv2d_replicate: x must be (batch, channels, height, width); got {tuple(x.shape)}")
+        raise ValueError(
+            f"depthwise_conv2d_replicate: x must be (batch, channels, height, width); got {tuple(x.shape)}"
+        )
     channels = x.shape[1]
     if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
         raise ValueError(

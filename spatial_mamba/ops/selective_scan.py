@@ -17,7 +17,7 @@ it neither over- nor underflows where the recurrence itself does not, however lo
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ from . import backend
 
 __all__ = ["selective_scan_fn", "selective_scan_ref"]
 
-_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 (the tests) runs on the reference backend only.
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PARAM_DTYPES = (torch.float32, torch.float64)
 
 # The official softplus: log1p(exp(v)) for v <= 20, v above (SPEC §1.5 step 7); F.softplus has the same rule.
@@ -34,15 +35,18 @@ _SOFTPLUS_THRESHOLD = 20.0
 
 
 def _chunk_shape(length: int) -> Tuple[int, int]:
-    """Chunk length T and chunk count C, with T * C >= length and T close to sqrt(length).
+    """Chunk length T and chunk count C with T * C >= length, T close to sqrt(length) / 2.
 
-    A divisor of ``length`` near sqrt(length) is preferred: square token grids (h = w) then need no padding.
+    Chunks shorter than sqrt(L) measured slightly faster: the per-position loops then run over wider tensors. The
+    divisor of ``length`` closest to that target (within a factor 2) is preferred, so that square token grids need
+    no padding.
     """
-    root = math.isqrt(length - 1) + 1
-    for chunk in range(root, (root + 1) // 2 - 1, -1):
-        if length % chunk == 0:
-            return chunk, length // chunk
-    return root, -(-length // root)
+    target = max(1, math.isqrt(length) // 2)
+    divisors = [t for t in range(max(1, target // 2), 2 * target + 1) if length % t == 0]
+    if divisors:
+        chunk = min(divisors, key=lambda t: abs(math.log(t / target)))
+        return chunk, length // chunk
+    return target, -(-length // target)
 
 
 def _chunk_view(x: torch.Tensor, chunk: int, count: int) -> torch.Tensor:
@@ -58,10 +62,13 @@ def _chunk_view(x: torch.Tensor, chunk: int, count: int) -> torch.Tensor:
 
 def _from_chunks(x: torch.Tensor, length: int) -> torch.Tensor:
     """Inverse of ``_chunk_view``: (..., T, C) -> contiguous (..., L)."""
-    chunk, count = x.shape[-2:]
-    out = x.new_empty((*x.shape[:-2], chunk * count))
-    out.unflatten(-1, (count, chunk)).copy_(x.transpose(-1, -2))
-    return out[..., :length] if length < chunk * count else out
+    chunk = x.shape[-2]
+    full = length // chunk
+    out = x.new_empty((*x.shape[:-2], length))
+    out[..., : full * chunk].unflatten(-1, (full, chunk)).copy_(x[..., :full].transpose(-1, -2))
+    if full * chunk < length:
+        out[..., full * chunk :].copy_(x[..., : length - full * chunk, full])
+    return out
 
 
 def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.Tensor, reverse: bool) -> torch.Tensor:
@@ -78,7 +85,7 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
 
     end = drive[..., first, :].clone()
     for i in rest:
-        # out= keeps this on the fast path (out-of-place addcmul is far slower on the CPU).
+        # out= reuses one buffer rather than allocating a tensor per step.
         torch.addcmul(drive[..., i, :], decay[..., i, :], end, out=end)
 
     # carry[c]: the state entering chunk c from its neighbour (chunk c - 1, or c + 1 in reverse).
@@ -110,7 +117,7 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _delta(delta: torch.Tensor, delta_bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """delta + delta_bias in ``dtype`` (Bt, Dn, L); may be ``delta`` itself, so never modify it in place."""
     if delta_bias is None:
         return delta.to(dtype)
@@ -152,38 +159,46 @@ class _SelectiveScanRef(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dhs):
         u, delta, A, B, delta_bias, hs, dt = ctx.saved_tensors
-        dtype, length = hs.dtype, hs.shape[-1]
-        chunk, count = _chunk_shape(length)
-        A_ = A.to(dtype)
-
-        # With g_t = dL/dx_t in total, g_t = dhs_t + a_{t+1} g_{t+1}. Its decayed part w_t = a_t g_t solves the
-        # reverse recurrence w_t = a_t w_{t+1} + a_t dhs_t, which reuses the forward's decays at their own positions.
-        decay, chunk_decay = _decays(dt, A_, chunk, count)
-        w = torch.mul(decay, _chunk_view(dhs.to(dtype), chunk, count), out=torch.empty_like(decay))
-        w = _from_chunks(_chunked_scan(decay, w, chunk_decay, reverse=True), length)
-        del decay, chunk_decay
-        g = torch.empty_like(hs)
-        g[..., -1] = dhs[..., -1]
-        torch.add(dhs[..., :-1], w[..., 1:], out=g[..., :-1])
-        # q_t = a_t g_t x_{t-1} (x_{-1} = 0): the decayed state's share of step t, in place of w.
-        q = w
-        q[..., 0] = 0
-        q[..., 1:].mul_(hs[..., :-1])
-
-        # einsum turns the sums over N = 1 into plain products.
-        g_b = torch.einsum("bdnl,bnl->bdl", g, B.to(dtype))
-        du = g_b * dt
-        d_dt = g_b.mul_(u).add_(torch.einsum("bdnl,dn->bdl", q, A_))
-        dA = torch.linalg.vecdot(q, dt.unsqueeze(2)).sum(0)
-        dB = (g * (dt * u).unsqueeze(2)).sum(1)
-        del g, q
-        if ctx.delta_softplus:
-            d_dt = torch.ops.aten.softplus_backward(d_dt, _delta(delta, delta_bias, dtype), 1.0, _SOFTPLUS_THRESHOLD)
-        d_bias = None if delta_bias is None else d_dt.sum((0, 2)).to(delta_bias.dtype)
-        return du.to(u.dtype), d_dt.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), d_bias, None
+        # einsum and vecdot would run in low precision if .backward() were called under autocast.
+        with torch.autocast(hs.device.type, enabled=False):
+            grads = _backward(dhs, u, delta, A, B, delta_bias, ctx.delta_softplus, hs, dt)
+        return (*grads, None)
 
 
-def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+def _backward(dhs, u, delta, A, B, delta_bias, delta_softplus, hs, dt):
+    """Gradients w.r.t. u, delta, A, B, delta_bias (in their dtypes) from dL/dhs and the forward's hs and Δ."""
+    dtype, length = hs.dtype, hs.shape[-1]
+    chunk, count = _chunk_shape(length)
+    A_ = A.to(dtype)
+
+    # With g_t = dL/dx_t in total, g_t = dhs_t + a_{t+1} g_{t+1}. Its decayed part w_t = a_t g_t solves the reverse
+    # recurrence w_t = a_t w_{t+1} + a_t dhs_t, which uses the forward's decays at their own positions.
+    decay, chunk_decay = _decays(dt, A_, chunk, count)
+    w = torch.mul(decay, _chunk_view(dhs.to(dtype), chunk, count), out=torch.empty_like(decay))
+    w = _from_chunks(_chunked_scan(decay, w, chunk_decay, reverse=True), length)
+    del decay, chunk_decay
+    g = torch.empty_like(hs)
+    g[..., -1] = dhs[..., -1]
+    torch.add(dhs[..., :-1], w[..., 1:], out=g[..., :-1])
+    # q_t = a_t g_t x_{t-1} (x_{-1} = 0): the decayed state's share of step t, which carries d/d(Δ A); made in w.
+    q = w
+    q[..., 0] = 0
+    q[..., 1:].mul_(hs[..., :-1])
+
+    # einsum turns the sums over N = 1 into plain products.
+    g_b = torch.einsum("bdnl,bnl->bdl", g, B.to(dtype))
+    du = g_b * dt
+    d_dt = g_b.mul_(u).add_(torch.einsum("bdnl,dn->bdl", q, A_))
+    dA = torch.linalg.vecdot(q, dt.unsqueeze(2)).sum(0)
+    dB = (g * (dt * u).unsqueeze(2)).sum(1)
+    del g, q
+    if delta_softplus:
+        d_dt = torch.ops.aten.softplus_backward(d_dt, _delta(delta, delta_bias, dtype), 1.0, _SOFTPLUS_THRESHOLD)
+    d_bias = None if delta_bias is None else d_dt.sum((0, 2)).to(delta_bias.dtype)
+    return du.to(u.dtype), d_dt.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), d_bias
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 when any input is float64 (the tests), float32 otherwise, as the kernels compute."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -193,7 +208,7 @@ def selective_scan_ref(
     delta: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    delta_bias: Optional[torch.Tensor],
+    delta_bias: torch.Tensor | None,
     delta_softplus: bool,
 ) -> torch.Tensor:
     """Pure-PyTorch selective scan (backend implementation signature, see ``backend``).
@@ -217,9 +232,9 @@ def selective_scan_fn(
     delta: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ):
@@ -264,8 +279,7 @@ def selective_scan_fn(
         )
     if delta_bias is not None and delta_bias.shape != (channels,):
         raise ValueError(f"selective_scan_fn: delta_bias must be (channels={channels},); got {tuple(delta_bias.shape)}")
-    float64 = u.dtype == torch.float64
-    _check_dtype("u", u, _INPUT_DTYPES + ((torch.float64,) if float64 else ()))
+    _check_dtype("u", u, _INPUT_DTYPES)
     for name, tensor in (("delta", delta), ("B", B)):
         if tensor.dtype != u.dtype:
             raise TypeError(f"selective_scan_fn: {name} must have u's dtype {u.dtype}; got {tensor.dtype}")
@@ -273,13 +287,16 @@ def selective_scan_fn(
     if delta_bias is not None:
         _check_dtype("delta_bias", delta_bias, _PARAM_DTYPES)
     tensors = [t for t in (u, delta, A, B, delta_bias) if t is not None]
+    float64 = any(t.dtype == torch.float64 for t in tensors)
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"selective_scan_fn: all inputs must be on one device; got {[str(t.device) for t in tensors]}")
 
     u, delta, B = u.contiguous(), delta.contiguous(), B.contiguous()
     impl = backend.select("selective_scan", u)
     if float64 and impl is not selective_scan_ref:
-        raise TypeError("selective_scan_fn: float64 inputs run on the reference backend only (CPU tensors, or "
-                        f"{backend.ENV_VAR}=reference)")
+        raise TypeError(
+            "selective_scan_fn: float64 inputs run on the reference backend only (CPU tensors, or "
+            f"{backend.ENV_VAR}=reference)"
+        )
     hs = impl(u, delta, A, B, delta_bias, delta_softplus)
     return (hs, hs[..., -1]) if return_last_state else hs

@@ -14,10 +14,9 @@ import torch.nn.functional as F
 
 from .dwconv2d import depthwise_conv2d_replicate
 
-__all__ = ["DILATIONS", "MERGED_KERNEL_SIZE", "merge_state_fusion_kernels", "state_fusion"]
+__all__ = ["DILATIONS", "merge_state_fusion_kernels", "state_fusion"]
 
 DILATIONS = (1, 3, 5)
-MERGED_KERNEL_SIZE = 2 * DILATIONS[-1] + 1
 
 
 def _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha) -> int:

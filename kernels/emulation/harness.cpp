@@ -1,0 +1,88 @@
+// C entry points into the kernels' launchers for the CPU emulation build (see emulation.h), called via ctypes.
+#include "dwconv2d/dwconv2d.h"
+#include "selective_scan/selective_scan.h"
+
+using namespace spatial_mamba;
+
+namespace {
+DwconvShape dwconv_shape(int64_t batch, int64_t channels, int64_t height, int64_t width, int k, int dilation) {
+  DwconvShape s;
+  s.batch = batch;
+  s.channels = channels;
+  s.height = height;
+  s.width = width;
+  s.kernel_size = k;
+  s.dilation = dilation;
+  return s;
+}
+}  // namespace
+
+extern "C" {
+
+int64_t emu_scan_bwd_dim_groups(int64_t dim) { return scan_bwd_dim_groups(dim); }
+
+int emu_scan_fwd(int kind, const void* u, const void* delta, const float* A, const void* B, const float* delta_bias,
+                 int delta_softplus, float* hs, int64_t batch, int64_t dim, int64_t length) {
+  ScanFwdParams p;
+  p.shape = {batch, dim, length};
+  p.kind = static_cast<ScalarKind>(kind);
+  p.u = u;
+  p.delta = delta;
+  p.A = A;
+  p.B = B;
+  p.delta_bias = delta_bias;
+  p.delta_softplus = delta_softplus != 0;
+  p.hs = hs;
+  return launch_selective_scan_fwd(p, nullptr);
+}
+
+int emu_scan_bwd(int kind, const void* u, const void* delta, const float* A, const void* B, const float* delta_bias,
+                 int delta_softplus, const float* hs, const float* dhs, void* du, void* ddelta, float* dB_partial,
+                 float* dA_partial, float* ddelta_bias_partial, int64_t batch, int64_t dim, int64_t length) {
+  ScanBwdParams p;
+  p.shape = {batch, dim, length};
+  p.kind = static_cast<ScalarKind>(kind);
+  p.u = u;
+  p.delta = delta;
+  p.A = A;
+  p.B = B;
+  p.delta_bias = delta_bias;
+  p.delta_softplus = delta_softplus != 0;
+  p.hs = hs;
+  p.dhs = dhs;
+  p.du = du;
+  p.ddelta = ddelta;
+  p.dB_partial = dB_partial;
+  p.dA_partial = dA_partial;
+  p.ddelta_bias_partial = ddelta_bias_partial;
+  return launch_selective_scan_bwd(p, nullptr);
+}
+
+// input_gradient = 0: y from x; 1: dx from dy.
+int emu_dwconv2d(int input_gradient, int kind, const void* src, const float* weight, void* dst, int64_t batch,
+                 int64_t channels, int64_t height, int64_t width, int k, int dilation) {
+  DwconvParams p;
+  p.shape = dwconv_shape(batch, channels, height, width, k, dilation);
+  p.kind = static_cast<ScalarKind>(kind);
+  p.src = src;
+  p.weight = weight;
+  p.dst = dst;
+  return input_gradient ? launch_dwconv2d_dgrad(p, nullptr) : launch_dwconv2d_fwd(p, nullptr);
+}
+
+int64_t emu_dwconv2d_wgrad_partials(int64_t batch, int64_t channels, int64_t height, int64_t width, int k,
+                                    int dilation) {
+  return dwconv2d_wgrad_partials(dwconv_shape(batch, channels, height, width, k, dilation));
+}
+
+int emu_dwconv2d_wgrad(int kind, const void* x, const void* dy, float* dw_partial, int64_t batch, int64_t channels,
+                       int64_t height, int64_t width, int k, int dilation) {
+  DwconvWgradParams p;
+  p.shape = dwconv_shape(batch, channels, height, width, k, dilation);
+  p.kind = static_cast<ScalarKind>(kind);
+  p.x = x;
+  p.dy = dy;
+  p.dw_partial = dw_partial;
+  return launch_dwconv2d_wgrad(p, nullptr);
+}
+}

@@ -1,0 +1,153 @@
+"""The CUDA kernels' own source, run on the CPU through kernels/emulation/ and checked against the reference.
+
+No GPU is needed: the .cu files are compiled with g++ against a small emulation of the CUDA execution model (one
+thread per CUDA thread, barriers for warp shuffles and __syncthreads, blocks run one after another, shared memory
+poisoned with NaN) and called through their launchers, so the launch configurations, the tiling and border
+handling, the warp scans and the partial-sum layouts are all exercised. What it cannot check: speed, races that need
+concurrent blocks, and the GPU's fast-math intrinsics. The binding's last steps (summing partials, casting) are
+mirrored here. Ground truth and tolerances: see ``tests/kernels/common.py``.
+"""
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from .common import DTYPES, check_conv, check_scan, conv_inputs, scan_inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = ROOT / "kernels"
+SOURCES = [
+    "selective_scan/selective_scan_fwd.cu",
+    "selective_scan/selective_scan_bwd.cu",
+    "dwconv2d/dwconv2d_fwd.cu",
+    "dwconv2d/dwconv2d_wgrad.cu",
+]
+KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+LAUNCH = re.compile(r"([\w:]+(?:<[^;<>]*>)?)<<<(.*?)>>>\((.*?)\);")
+DYNAMIC_SHARED = "extern __shared__ __align__(16) float smem[];"
+
+
+def _gxx_major(gxx: str) -> int:
+    version = subprocess.run([gxx, "-dumpversion"], capture_output=True, text=True, check=True).stdout
+    return int(version.split(".")[0])
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory) -> ctypes.CDLL:
+    gxx = shutil.which("g++")
+    if gxx is None or _gxx_major(gxx) < 12:
+        pytest.skip("needs g++ >= 12 (C++20 <barrier> and _Float16) to compile the emulated kernels")
+    build = tmp_path_factory.mktemp("cuda_emulation")
+    translated = []
+    for source in SOURCES:
+        text = (KERNELS / source).read_text()
+        text, launches = LAUNCH.subn(r"::emu::launch(\1, \2, \3);", text)
+        assert launches > 0, f"{source}: no kernel launch found to translate"
+        text = text.replace(DYNAMIC_SHARED, "float* smem = ::emu::dynamic_shared();")
+        target = build / (source.replace("/", "_") + ".cpp")
+        target.write_text(text)
+        translated.append(str(target))
+    library = build / "libemulated_kernels.so"
+    includes = [KERNELS / "emulation", KERNELS, KERNELS / "selective_scan", KERNELS / "dwconv2d"]
+    command = [gxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread"]
+    command += [f"-I{path}" for path in includes] + ["-include", str(KERNELS / "emulation" / "emulation.h")]
+    command += translated + [str(KERNELS / "emulation" / "harness.cpp"), "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lib = ctypes.CDLL(str(library))
+    lib.emu_scan_bwd_dim_groups.restype = ctypes.c_int64
+    lib.emu_dwconv2d_wgrad_partials.restype = ctypes.c_int64
+    return lib
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _sizes(*values):
+    return [ctypes.c_int64(v) for v in values]
+
+
+def emulated_scan(lib, inputs, delta_softplus, dhs):
+    """hs and gradients as spatial_mamba._selective_scan_cuda returns them, from the emulated kernels."""
+    u, delta, A, B, bias = (inputs[k] for k in ("u", "delta", "A", "B", "delta_bias"))
+    batch, dim, length = u.shape
+    kind = KIND[u.dtype]
+    hs = torch.full((batch, dim, 1, length), float("nan"))
+    common = [kind, _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(bias), int(delta_softplus)]
+    assert lib.emu_scan_fwd(*common, _ptr(hs), *_sizes(batch, dim, length)) == 0
+    du, ddelta = torch.full_like(u, float("nan")), torch.full_like(delta, float("nan"))
+    dB_partial = torch.full((batch, lib.emu_scan_bwd_dim_groups(ctypes.c_int64(dim)), length), float("nan"))
+    dA_partial, ddelta_bias_partial = torch.zeros(batch, dim), torch.zeros(batch, dim)
+    outputs = [du, ddelta, dB_partial, dA_partial, ddelta_bias_partial]
+    assert lib.emu_scan_bwd(*common, _ptr(hs), _ptr(dhs), *map(_ptr, outputs), *_sizes(batch, dim, length)) == 0
+    grads = {
+        "u": du,
+        "delta": ddelta,
+        "A": dA_partial.sum(0).view(dim, 1),
+        "B": dB_partial.sum(1, keepdim=True).to(B.dtype),
+        "delta_bias": ddelta_bias_partial.sum(0),
+    }
+    if bias is None:
+        del grads["delta_bias"]
+    return hs, grads
+
+
+def emulated_conv(lib, x, weight, dilation, dy):
+    """y, dx and dw as spatial_mamba._dwconv2d_cuda returns them, from the emulated kernels."""
+    batch, channels, height, width = x.shape
+    k = weight.shape[-1]
+    kind = KIND[x.dtype]
+    shape = [*_sizes(batch, channels, height, width), k, dilation]
+    w = weight.float().contiguous()
+    y, dx = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    assert lib.emu_dwconv2d(0, kind, _ptr(x), _ptr(w), _ptr(y), *shape) == 0
+    assert lib.emu_dwconv2d(1, kind, _ptr(dy), _ptr(w), _ptr(dx), *shape) == 0
+    partial = torch.full((lib.emu_dwconv2d_wgrad_partials(*shape), channels, k * k), float("nan"))
+    assert lib.emu_dwconv2d_wgrad(kind, _ptr(x), _ptr(dy), _ptr(partial), *shape) == 0
+    return y, dx, partial.sum(0).view(channels, 1, k, k).to(weight.dtype)
+
+
+# (batch, D, L): one position; a step of 64 (2 items per lane) with and without vector loads; steps of 256 with
+# scalar loads (odd L), with vector loads and channel groups with idle warps (D = 17), and a long row.
+SCAN_SHAPES = [(1, 1, 1), (2, 9, 64), (1, 3, 63), (1, 8, 65), (2, 17, 256), (1, 4, 257), (1, 8, 3136)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SCAN_SHAPES, ids=str)
+@pytest.mark.parametrize("delta_softplus, with_bias", [(True, True), (False, False)], ids=["softplus", "plain"])
+def test_emulated_selective_scan_matches_reference(emulated, shape, dtype, delta_softplus, with_bias):
+    inputs, dhs = scan_inputs(*shape, dtype, delta_softplus, with_bias, device="cpu")
+    hs, grads = emulated_scan(emulated, inputs, delta_softplus, dhs)
+    check_scan(hs, grads, inputs, delta_softplus, dhs)
+
+
+# (batch, C, H, W, kernel size, dilation, dtype): one pixel, thin and tiny planes, the SASF branches and the merged
+# kernel on T's stage sizes, several planes per block (7x7), non-square planes, and the other compiled kernel sizes.
+CONV_CASES = [
+    (1, 2, 1, 1, 3, 1, torch.float32),
+    (1, 2, 1, 5, 3, 2, torch.bfloat16),
+    (1, 3, 2, 3, 3, 1, torch.float16),
+    (2, 3, 7, 7, 11, 1, torch.float32),
+    (1, 2, 14, 14, 3, 5, torch.bfloat16),
+    (1, 2, 13, 37, 3, 3, torch.float16),
+    (1, 1, 56, 56, 11, 1, torch.float16),
+    (1, 2, 56, 56, 3, 5, torch.float32),
+    (2, 2, 28, 28, 5, 1, torch.bfloat16),
+    (1, 2, 9, 20, 7, 2, torch.float32),
+    (1, 1, 17, 9, 9, 1, torch.float16),
+    (1, 2, 40, 3, 5, 1, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_emulated_dwconv2d_matches_reference(emulated, case):
+    *shape, k, dilation, dtype = case
+    x, weight, dy = conv_inputs(*shape, k, dtype, device="cpu")
+    y, dx, dw = emulated_conv(emulated, x, weight, dilation, dy)
+    check_conv(y, dx, dw, x, weight, dilation, dy)

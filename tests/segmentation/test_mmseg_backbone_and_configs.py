@@ -1,0 +1,127 @@
+"""MM_SpatialMamba in mmseg and the UPerNet configs: registration, official settings, and the multi-scale flip TTA
+of the official "ms" numbers (SPEC §5.2, §7.18)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mmseg", reason="needs the OpenMMLab stack: bash tools/setup_env.sh --mm")
+pytestmark = pytest.mark.mm
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
+
+from spatial_mamba import SpatialMamba  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "segmentation" / "configs" / "spatialmamba"
+NARROW = dict(dims=16, depths=(1, 1, 1, 1), d_state=1, drop_path_rate=0.0)
+
+spec = importlib.util.spec_from_file_location("segmentation_model", ROOT / "segmentation" / "model.py")
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def _config(variant: str) -> Config:
+    return Config.fromfile(CONFIGS / f"upernet_spatialmamba_8xb2-160k_ade20k-512x512_{variant}.py")
+
+
+# Explicit arguments of each official config (SPEC §5.2).
+SEGMENTATION_CONFIGS = {
+    "tiny": (64, (2, 4, 8, 4), 0.2, [64, 128, 256, 512], 256),
+    "small": (64, (2, 4, 21, 5), 0.3, [64, 128, 256, 512], 256),
+    "base": (96, (2, 4, 21, 5), 0.5, [96, 192, 384, 768], 384),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SEGMENTATION_CONFIGS))
+def test_segmentation_config_has_the_official_backbone_schedule_and_optimiser(variant):
+    dims, depths, dpr, head, aux = SEGMENTATION_CONFIGS[variant]
+    cfg = _config(variant)
+    backbone = cfg.model.backbone
+    assert set(backbone) == {"type", "dims", "depths", "d_state", "drop_path_rate", "out_indices", "pretrained"}
+    assert (backbone.dims, tuple(backbone.depths), backbone.drop_path_rate, backbone.d_state) == (dims, depths, dpr, 1)
+    assert cfg.model.decode_head.in_channels == head and cfg.model.auxiliary_head.in_channels == aux
+    assert cfg.model.decode_head.num_classes == cfg.model.auxiliary_head.num_classes == 150
+    assert cfg.train_cfg.max_iters == 160000 and cfg.train_cfg.val_interval == 16000
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ("AdamW", 6e-5, 0.01)
+    assert cfg.optim_wrapper.paramwise_cfg.custom_keys["norm"] == dict(decay_mult=0.0)
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.end) == ("LinearLR", 1e-6, 1500)
+    assert (poly.type, poly.power, poly.begin, poly.end) == ("PolyLR", 1.0, 1500, 160000)
+    # The file name's 8xb2 is what runs: 2 images per GPU, 16 in all on the README's 8 GPUs.
+    assert cfg.train_dataloader.batch_size == 2 and cfg.auto_scale_lr.base_batch_size == 16
+
+
+def test_tta_runs_scales_075_1_125_of_the_test_scale_each_with_and_without_flip(tmp_path):
+    from mmcv.transforms import Compose
+    from PIL import Image
+
+    cfg = _config("tiny")
+    assert cfg.tta_model.type == "SegTTAModel"
+    image = np.zeros((300, 400, 3), np.uint8)
+    image[:, :10] = 255  # a bright left edge, to tell flipped views apart
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    Image.fromarray(np.ones((300, 400), np.uint8)).save(tmp_path / "labels.png")
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        import mmseg.datasets  # noqa: F401  registers the transforms
+
+        pipeline = Compose(cfg.tta_pipeline)
+        result = pipeline(
+            dict(
+                img_path=str(tmp_path / "scene.png"),
+                seg_map_path=str(tmp_path / "labels.png"),
+                reduce_zero_label=True,
+                seg_fields=[],
+            )
+        )
+    views = [(tuple(s.img_shape), bool(s.flip)) for s in result["data_samples"]]
+    # keep_ratio Resize into (2048 r, 512 r): the short side becomes 512 r.
+    expected = [((int(512 * r), int(512 * r * 4 / 3 + 0.5)), f) for r in (0.75, 1.0, 1.25) for f in (False, True)]
+    assert sorted(views) == sorted(expected)
+    for inputs, sample in zip(result["inputs"], result["data_samples"]):
+        left_is_bright = inputs[:, :, :5].float().mean() > inputs[:, :, -5:].float().mean()
+        assert left_is_bright != sample.flip
+
+
+def test_segmentor_pretrained_argument_reaches_the_backbone(tmp_path):
+    from mmseg.registry import MODELS
+
+    torch.manual_seed(0)
+    classifier = SpatialMamba(**NARROW, num_classes=10)
+    path = tmp_path / "cls.pth"
+    torch.save({"model": classifier.state_dict()}, path)
+    cfg = _config("tiny")
+    cfg.model.backbone.update(NARROW, pretrained=None)
+    cfg.model.pretrained = str(path)  # mmseg's EncoderDecoder passes its own ``pretrained`` to the backbone
+    cfg.model.decode_head.update(in_channels=[16, 32, 64, 128], channels=16, norm_cfg=dict(type="BN"))
+    cfg.model.auxiliary_head.update(in_channels=64, channels=16, norm_cfg=dict(type="BN"))
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        segmentor = MODELS.build(cfg.model)
+    segmentor.init_weights()
+    for name, tensor in classifier.state_dict().items():
+        if not name.startswith(("head.", "norm.")):
+            assert torch.equal(segmentor.backbone.state_dict()[name], tensor), name
+
+
+def test_swin_arguments_are_rejected_by_name_in_mmseg_too():
+    from mmseg.registry import MODELS
+
+    with DefaultScope.overwrite_default_scope("mmseg"), pytest.raises(TypeError, match="window_size"):
+        MODELS.build(dict(type="MM_SpatialMamba", **NARROW, window_size=7))
+
+
+def test_mmseg_tree_needs_only_mmseg():
+    code = (
+        "import sys; sys.modules['mmdet'] = None; sys.path.insert(0, 'segmentation'); import model; "
+        "from mmseg.registry import MODELS; assert MODELS.get('MM_SpatialMamba') is model.MMSpatialMamba"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
