@@ -51,8 +51,11 @@ def main():
     for name in models:
         times = time_train_step(name, args.batch_size, args.img_size, args.steps, args.warmup)
         results[name] = {"median_s": statistics.median(times), "all_s": times}
-        print(f"{name:<32} train step: median {statistics.median(times):.3f} s  (runs: "
-              + ", ".join(f"{t:.3f}" for t in times) + ")")
+        print(
+            f"{name:<32} train step: median {statistics.median(times):.3f} s  (runs: "
+            + ", ".join(f"{t:.3f}" for t in times)
+            + ")"
+        )
     ratio = results[models[0]]["median_s"] / results[models[1]]["median_s"]
     print(f"ratio spatial_mamba_tiny / swin_tiny = {ratio:.2f}  (goal <= 2.00)")
     report = {

@@ -11,7 +11,7 @@ import logging
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 import torch
 from torch import nn
@@ -121,7 +121,7 @@ def extract_state_dict(checkpoint: Any, key: str = "model", source: str = "check
     return _strip_prefix(state_dict, "module.")
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module | None = None) -> Dict[str, Any]:
     """timm ``pretrained_filter_fn``: accepts the official layout as well as plain state dicts."""
     return extract_state_dict(state_dict, "model")
 
@@ -161,7 +161,11 @@ def load_checkpoint(
     result = model.load_state_dict(state_dict, strict=False)
     logger.info(
         "loaded %s (key %r): %d missing keys %s, %d unexpected keys %s",
-        os.fspath(path), key, len(result.missing_keys), result.missing_keys, len(result.unexpected_keys),
+        os.fspath(path),
+        key,
+        len(result.missing_keys),
+        result.missing_keys,
+        len(result.unexpected_keys),
         result.unexpected_keys,
     )
     return result

@@ -6,7 +6,7 @@ The OpenMMLab wrappers in ``detection/`` and ``segmentation/`` only adapt this c
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ class SpatialMambaBackbone(SpatialMamba):
     def __init__(
         self,
         out_indices: Sequence[int] = (0, 1, 2, 3),
-        pretrained: Optional[str] = None,
+        pretrained: str | None = None,
         norm_layer: str = "ln",
         key: str = "model",
         **kwargs,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from timm.layers import DropPath
@@ -68,7 +68,7 @@ class SpatialMambaLayer(nn.Module):
         self.blocks = nn.ModuleList(
             SpatialMambaBlock(dim, rates[i], d_state, dt_init, mlp_ratio, attn_drop_rate, drop) for i in range(depth)
         )
-        self.downsample: Optional[DownSampling] = DownSampling(dim) if downsample else None
+        self.downsample: DownSampling | None = DownSampling(dim) if downsample else None
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -56,7 +56,7 @@ class SpatialMamba(nn.Module):
         num_classes: int = 1000,
         depths: Sequence[int] = (2, 2, 9, 2),
         dims: Union[int, Sequence[int]] = (96, 192, 384, 768),
-        d_state: Optional[int] = 1,
+        d_state: int | None = 1,
         dt_init: str = "random",
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
@@ -144,16 +144,20 @@ class SpatialMamba(nn.Module):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
             stem=r"^patch_embed",
-            blocks=r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.blocks\.(\d+)", None),
-                                                      (r"^layers\.(\d+)\.downsample", (99999,)),
-                                                      (r"^norm", (99999,))],
+            blocks=r"^layers\.(\d+)"
+            if coarse
+            else [
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.downsample", (99999,)),
+                (r"^norm", (99999,)),
+            ],
         )
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
@@ -181,7 +185,7 @@ class SpatialMamba(nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, Sequence[int]]] = None,
+        indices: Union[int, Sequence[int]] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
@@ -209,7 +213,7 @@ class SpatialMamba(nn.Module):
         return self.norm(x), intermediates
 
     def prune_intermediate_layers(
-        self, indices: Optional[Union[int, Sequence[int]]] = None, prune_norm: bool = False, prune_head: bool = True
+        self, indices: Union[int, Sequence[int]] | None = None, prune_norm: bool = False, prune_head: bool = True
     ) -> List[int]:
         take = _feature_indices(indices, len(self.layers))
         last = max(take)
@@ -223,7 +227,7 @@ class SpatialMamba(nn.Module):
         return take
 
 
-def _feature_indices(indices: Optional[Union[int, Sequence[int]]], num_stages: int) -> List[int]:
+def _feature_indices(indices: Union[int, Sequence[int]] | None, num_stages: int) -> List[int]:
     if indices is None:
         return list(range(num_stages))
     if isinstance(indices, int):  # timm convention: an int n means the last n stages

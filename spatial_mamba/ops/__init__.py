@@ -16,6 +16,8 @@ __all__ = [
     "selective_scan_fn",
     "state_fusion",
 ]
-from . import triton_scan  # noqa: F401  registers the Triton kernels when Triton imports
-from . import _cuda  # noqa: F401  registers the compiled kernels when they were built
-from . import triton_dwconv2d  # noqa: F401  registers the Triton kernels when Triton imports
+from . import (
+    _cuda,  # noqa: F401  registers the compiled kernels when they were built
+    triton_dwconv2d,  # noqa: F401  registers the Triton kernels when Triton imports
+    triton_scan,  # noqa: F401  registers the Triton kernels when Triton imports
+)

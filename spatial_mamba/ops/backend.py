@@ -17,7 +17,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -40,14 +40,14 @@ _REGISTRY: Dict[str, Dict[str, _Impl]] = {}
 _ANNOUNCED: set = set()
 
 
-def register(op: str, backend: str, fn: Callable, available: Optional[Callable[[], Tuple[bool, str]]] = None):
+def register(op: str, backend: str, fn: Callable, available: Callable[[], Tuple[bool, str]] | None = None):
     """Registers ``fn`` as ``backend``'s implementation of ``op``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, available or (lambda: (True, "always available")))
 
 
-def forced_backend() -> Optional[str]:
+def forced_backend() -> str | None:
     value = os.environ.get(ENV_VAR, "").strip().lower()
     if not value:
         return None

@@ -25,7 +25,9 @@ def spec_ssm_forward(ssm: StructureAwareSSM, x: torch.Tensor) -> torch.Tensor:
     state = torch.zeros(b, d, n, dtype=x.dtype)
     hs = []
     for t in range(L):
-        state = torch.exp(delta[:, :, t, None] * A) * state + delta[:, :, t, None] * Bs[:, None, :, t] * u[:, :, t, None]
+        state = (
+            torch.exp(delta[:, :, t, None] * A) * state + delta[:, :, t, None] * Bs[:, None, :, t] * u[:, :, t, None]
+        )
         hs.append(state)
     hs = torch.stack(hs, dim=-1)  # (b, d, n, L)
     fusion = ssm.state_fusion

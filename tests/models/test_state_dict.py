@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from spatial_mamba import SpatialMamba, VARIANTS
+from spatial_mamba import VARIANTS, SpatialMamba
 
 
 def _bn(prefix):
@@ -48,7 +48,12 @@ def official_keys(dims, depths, num_classes=1000):
                 (p + "2.conv.weight", (2 * c, 8 * c, 1, 1)), (p + "2.conv.bias", (2 * c,)),
             ] + _bn(p + "2.norm")  # fmt: skip
     c4 = c1 * 8
-    keys += [("norm.weight", (c4,)), ("norm.bias", (c4,)), ("head.weight", (num_classes, c4)), ("head.bias", (num_classes,))]
+    keys += [
+        ("norm.weight", (c4,)),
+        ("norm.bias", (c4,)),
+        ("head.weight", (num_classes, c4)),
+        ("head.bias", (num_classes,)),
+    ]
     return keys
 
 
