@@ -16,7 +16,8 @@ import inspect
 import logging
 import os
 import os.path as osp
-from typing import List, Sequence
+import pickle
+from typing import Any, List, Sequence
 
 import numpy as np
 import torch
@@ -107,6 +108,17 @@ class MMSpatialMamba(SpatialMambaBackbone, BaseModule):
         super().init_weights()
 
 
+def _history_buffer_statistic(owner: Any, name: str) -> Any:
+    """Stands in for ``getattr`` while unpickling: mmengine pickles each ``HistoryBuffer``'s statistics methods as
+    ``getattr(HistoryBuffer, 'mean')`` and so on. Only those resolve; a real ``getattr`` would reach any object."""
+    # The four built-in statistics, and any registered with HistoryBuffer.register_statistics.
+    if owner is HistoryBuffer and name in {"min", "max", "current", "mean", *HistoryBuffer._statistics_methods}:
+        return getattr(owner, name)
+    raise pickle.UnpicklingError(
+        f"checkpoint asks for getattr({owner!r}, {name!r}); only HistoryBuffer statistics methods are allowed"
+    )
+
+
 def allow_mmengine_checkpoints() -> None:
     """Allow-lists for ``torch.load(weights_only=True)`` the non-tensor objects mmengine writes into checkpoints.
 
@@ -119,6 +131,7 @@ def allow_mmengine_checkpoints() -> None:
     torch.serialization.add_safe_globals(
         [
             HistoryBuffer,
+            (_history_buffer_statistic, "builtins.getattr"),
             numpy_core.multiarray._reconstruct,
             numpy_core.multiarray.scalar,
             np.ndarray,
@@ -152,8 +165,23 @@ def _drop_imagenet_weights(cfg: Config) -> bool:
     return had
 
 
+class _MMEngineLogHandler(logging.Handler):
+    """Passes the package's log records (checkpoint loading, op backends) on to mmengine's console and log file."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print_log(self.format(record), logger="current", level=record.levelno)
+
+
+def _log_through_mmengine() -> None:
+    logger = logging.getLogger("spatial_mamba")
+    if not any(isinstance(h, _MMEngineLogHandler) for h in logger.handlers):
+        logger.addHandler(_MMEngineLogHandler())
+        logger.setLevel(logging.INFO)
+
+
 def _build_runner(cfg: Config) -> Runner:
     allow_mmengine_checkpoints()
+    _log_through_mmengine()
     return Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
 
 

@@ -42,6 +42,10 @@ else
 fi
 
 if [ "$WITH_MM" = 1 ]; then
+  # mmengine 0.10 (at run time, for the mmdet::/mmseg:: configs ours inherit) and mmcv's setup.py import
+  # pkg_resources, which setuptools >= 81 no longer ships, while torch needs setuptools >= 77.0.3. Checked on every
+  # run: the core step above may have upgraded setuptools since the OpenMMLab stack was installed.
+  "$PY" -m pip install -q "$(grep -E '^setuptools' "$ROOT/requirements-mm.txt" | cut -d'#' -f1 | xargs)"
   MM_STAMP="$(stamp_of "$ROOT/requirements-mm.txt" "$ROOT/tools/setup_env.sh")"
   if [ "$(cat "$VENV/.mm-stamp" 2>/dev/null)" != "$MM_STAMP" ]; then
     MMCV_VERSION=2.1.0
@@ -52,21 +56,13 @@ if [ "$WITH_MM" = 1 ]; then
       log "building mmcv $MMCV_VERSION with its CPU ops against torch $TORCH_VERSION (about 7 minutes on 2 cores)"
       WORK="$(mktemp -d)"
       mkdir -p "$WHEELS.tmp"
-      # mmcv's setup.py imports pkg_resources, which setuptools >= 81 no longer ships, and it must build against the
-      # installed torch (no build isolation). torch itself requires setuptools >= 77.0.3, so rather than downgrade
-      # the environment's setuptools, only the build (this subshell) sees a private copy of the last release that
-      # still has pkg_resources.
-      (
-        "$PY" -m pip install -q --target "$WORK/build-tools" "setuptools>=77.0.3,<81"
-        export PYTHONPATH="$WORK/build-tools${PYTHONPATH:+:$PYTHONPATH}"
-        "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$WORK" "mmcv==$MMCV_VERSION"
-        tar -xzf "$WORK/mmcv-$MMCV_VERSION.tar.gz" -C "$WORK"
-        # torch >= 2.6 headers need C++20; mmcv 2.1.0's setup.py hard-codes -std=c++17.
-        sed -i 's/-std=c++17/-std=c++20/g' "$WORK/mmcv-$MMCV_VERSION/setup.py"
-        cd "$WORK/mmcv-$MMCV_VERSION"
-        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
-          "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WHEELS.tmp" .
-      )
+      # No build isolation: mmcv must compile against the installed torch.
+      "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$WORK" "mmcv==$MMCV_VERSION"
+      tar -xzf "$WORK/mmcv-$MMCV_VERSION.tar.gz" -C "$WORK"
+      # torch >= 2.6 headers need C++20; mmcv 2.1.0's setup.py hard-codes -std=c++17.
+      sed -i 's/-std=c++17/-std=c++20/g' "$WORK/mmcv-$MMCV_VERSION/setup.py"
+      (cd "$WORK/mmcv-$MMCV_VERSION" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="$(nproc)" \
+        "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WHEELS.tmp" .)
       rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
       rm -rf "$WORK"
     else
@@ -75,7 +71,7 @@ if [ "$WITH_MM" = 1 ]; then
     "$PY" -m pip install -q --no-deps "$WHEELS"/mmcv-*.whl
     "$PY" -m pip install -q addict yapf packaging Pillow "opencv-python-headless" rich termcolor
     "$PY" -m pip install -q -r "$ROOT/requirements-mm.txt"
-    "$PY" -c "import mmcv, mmdet, mmseg, mmpretrain; from mmcv.ops import nms, RoIAlign"
+    "$PY" -W ignore -c "import pkg_resources, mmcv, mmdet, mmseg, mmpretrain; from mmcv.ops import nms, RoIAlign"
     echo "$MM_STAMP" > "$VENV/.mm-stamp"
   else
     log "OpenMMLab environment is up to date"

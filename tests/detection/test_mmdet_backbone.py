@@ -51,10 +51,12 @@ def _trained_classifier_checkpoint(path: Path, dims=16) -> tuple[SpatialMamba, S
     torch.manual_seed(0)
     model = SpatialMamba(**{**NARROW, "dims": dims}, num_classes=10)
     ema = SpatialMamba(**{**NARROW, "dims": dims}, num_classes=10)
-    with torch.no_grad():  # give every tensor, BN buffers included, values no initialisation would produce
-        for tensor in [*model.state_dict().values(), *ema.state_dict().values()]:
-            if tensor.is_floating_point():
+    with torch.no_grad():  # move every tensor, BN statistics included, away from any initialisation
+        for name, tensor in [*model.state_dict().items(), *ema.state_dict().items()]:
+            if name.endswith("running_var"):
                 tensor.copy_(torch.rand_like(tensor) + 0.5)
+            elif tensor.is_floating_point():
+                tensor.add_(0.05 * torch.randn_like(tensor))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
     save_checkpoint(str(path), _C.clone(), 3, model, optimizer, scheduler, torch.amp.GradScaler("cpu"), 0.5, ema, 0.6)
