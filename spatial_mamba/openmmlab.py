@@ -87,8 +87,8 @@ class MMSpatialMamba(SpatialMambaBackbone, BaseModule):
     def init_weights(self) -> None:
         cfg = self.init_cfg
         if isinstance(cfg, dict) and cfg.get("type") == "Pretrained":
-            # mmengine's own Pretrained loader reads only 'state_dict' and merely warns about missing keys, which
-            # with a classification checkpoint would leave the backbone random; use the checked loader instead.
+            # mmengine's own Pretrained loader reads 'state_dict' (else the whole file), not 'model', and only warns
+            # about missing keys: with a classification checkpoint the backbone would stay random. Use ours instead.
             extra = sorted(set(cfg) - {"type", "checkpoint", "map_location"})
             if extra:
                 raise ValueError(
@@ -280,8 +280,13 @@ def flops(default_shape: Sequence[int], argv: List[str] | None = None) -> int:
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    height, width = args.shape
+    # Padded like the data preprocessor pads a batch (mmdet: to a multiple of 32, which FPN needs).
+    divisor = cfg.model.get("data_preprocessor", {}).get("pad_size_divisor", 1)
+    height, width = (-(-size // divisor) * divisor for size in args.shape)
     _drop_imagenet_weights(cfg)
+    # A detector's RoI heads cost depends on how many boxes it keeps, i.e. on its random weights: a fixed seed makes
+    # the count repeatable.
+    torch.manual_seed(0)
     with DefaultScope.overwrite_default_scope(cfg.get("default_scope")):
         model = MODELS.build(cfg.model)
     meta = dict(

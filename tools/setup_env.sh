@@ -33,7 +33,7 @@ fi
 CORE_STAMP="$(stamp_of "$ROOT/requirements-dev.txt" "$ROOT/setup.py")"
 if [ "$(cat "$VENV/.core-stamp" 2>/dev/null)" != "$CORE_STAMP" ]; then
   log "installing the pinned development environment (requirements-dev.txt)"
-  "$PY" -m pip install -q --upgrade pip "setuptools<70" wheel
+  "$PY" -m pip install -q --upgrade pip "setuptools>=77.0.3,<81" wheel  # torch needs >=77.0.3; see --mm below
   "$PY" -m pip install -q -r "$ROOT/requirements-dev.txt"
   "$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT"
   echo "$CORE_STAMP" > "$VENV/.core-stamp"

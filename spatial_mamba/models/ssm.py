@@ -22,8 +22,9 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 class StateFusion(nn.Module):
     """Structure-aware state fusion h_t = sum_k alpha_k x_{rho_k(t)}: three 3x3 depthwise kernels at dilations 1, 3, 5.
 
-    Training runs the three replicate-padded branches; evaluation runs one merged 11x11 kernel, which is exactly
-    equivalent (replicate padding, SPEC §7.2). The merged kernel is rebuilt from the current weights on every call:
+    Training runs the three replicate-padded branches (on GPUs; the CPU runs the merged kernel, which is faster
+    there); evaluation runs one merged 11x11 kernel, which is exactly equivalent (replicate padding, SPEC §7.2).
+    The merged kernel is rebuilt from the current weights on every call:
     the official code cached it on the first evaluation and kept using it after weight updates (SPEC §7.1).
     """
 
@@ -41,7 +42,9 @@ class StateFusion(nn.Module):
         if repeats > 1:  # d_state > 1: every state map of a channel shares that channel's kernels
             kernels = tuple(k.repeat_interleave(repeats, dim=0) for k in kernels)
         if self.training:
-            return state_fusion(h, *kernels, self.alpha, merged=False)
+            # On the CPU the merged kernel is also the faster training path (one pass over h instead of three, and
+            # no dilated convolutions, whose oneDNN kernels are slow): the same function, only rounding differs.
+            return state_fusion(h, *kernels, self.alpha, merged=h.device.type == "cpu")
         # The official eval kernel is fp32-only, so the fused state is computed in fp32 even under autocast.
         with torch.autocast(device_type=h.device.type, enabled=False):
             return state_fusion(

@@ -3,6 +3,7 @@ of the official "ms" numbers (SPEC §5.2, §7.18)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -125,3 +126,49 @@ def test_mmseg_tree_needs_only_mmseg():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_get_flops_counts_the_scan_and_the_merged_state_fusion_kernel(tmp_path, monkeypatch, capsys):
+    from spatial_mamba import flops as flops_module
+    from spatial_mamba import openmmlab
+
+    state_fusion_module = importlib.import_module("spatial_mamba.ops.state_fusion")  # the package re-exports a function
+    config = tmp_path / "narrow.py"
+    config.write_text(
+        f"_base_ = '{CONFIGS / 'upernet_spatialmamba_8xb2-160k_ade20k-512x512_tiny.py'}'\n"
+        "model = dict(backbone=dict(dims=16, depths=(1, 2, 1, 1)), decode_head=dict(in_channels=[16, 32, 64, 128]),"
+        " auxiliary_head=dict(in_channels=64))\n"
+    )
+    height, width = 128, 96
+    total = openmmlab.flops((height, width), [str(config)])
+    assert "Flops:" in capsys.readouterr().out
+    monkeypatch.setattr(flops_module, "scan_flops", lambda *args: 0)
+    without_scan = openmmlab.flops((height, width), [str(config)])
+    monkeypatch.setattr(state_fusion_module, "depthwise_conv2d_replicate", lambda h, weight, dilation: h.clone())
+    without_fusion = openmmlab.flops((height, width), [str(config)])
+
+    # Per block of stage i: the scan does 7·L·D·N multiply-adds (N = 1) and the merged 11x11 state-fusion kernel
+    # 121·L·D; the official counter saw neither.
+    stages = [(depth, 2 * 16 * 2**i, (height // 4 >> i) * (width // 4 >> i)) for i, depth in enumerate((1, 2, 1, 1))]
+    assert total - without_scan == sum(depth * 7 * length * d_inner for depth, d_inner, length in stages)
+    assert without_scan - without_fusion == sum(depth * 121 * length * d_inner for depth, d_inner, length in stages)
+
+
+def test_test_script_tta_wraps_the_segmentor_and_swaps_in_the_tta_pipeline(tmp_path, monkeypatch):
+    from spatial_mamba import openmmlab
+
+    built = []
+
+    class Runner:
+        def test(self):
+            return {}
+
+    monkeypatch.setattr(openmmlab, "_build_runner", lambda cfg: built.append(cfg) or Runner())
+    checkpoint = tmp_path / "iter_160000.pth"
+    checkpoint.write_bytes(b"")
+    openmmlab.test([str(CONFIGS / "upernet_spatialmamba_8xb2-160k_ade20k-512x512_tiny.py"), str(checkpoint), "--tta"])
+    (cfg,) = built
+    assert cfg.model.type == "SegTTAModel" and cfg.model.module.type == "EncoderDecoder"
+    assert cfg.model.module.backbone.pretrained is None  # the checkpoint holds every weight
+    assert cfg.test_dataloader.dataset.pipeline == cfg.tta_pipeline
+    assert cfg.load_from == str(checkpoint)
