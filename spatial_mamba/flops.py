@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.ssm import StructureAwareSSM
+from .models.ssm import StateFusion, StructureAwareSSM
 
 __all__ = ["count_params", "count_flops", "scan_flops"]
 
@@ -40,6 +40,8 @@ def count_flops(
     """
     model = copy.deepcopy(model).train(train)
     for module in model.modules():
+        if isinstance(module, StateFusion):
+            module.merged_on_cpu = False  # the official count is of the three dilated branches
         # BN statistics do not change the count, and eval-mode BN also runs on 1x1 maps of a single image.
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()

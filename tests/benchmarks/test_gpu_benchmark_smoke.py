@@ -109,8 +109,8 @@ def test_fusion_speedup_is_the_ratio_of_the_two_times(smoke, direction, path):
     ours = section["backends"]["reference"]
     assert ours["ms"] > 0
     assert ours["speedup_vs_baseline"] == pytest.approx(baseline_ms / ours["ms"], rel=1e-12)
-    # The reference backend is the same replicate pad + conv2d as the baseline, so the outputs agree.
-    assert ours["max_rel_diff_vs_baseline"] <= 1e-6
+    # float32: the two compute the same sums in a different order (our CPU backward uses forward convolutions)
+    assert ours["max_rel_diff_vs_baseline"] <= 1e-5
 
 
 @pytest.mark.parametrize("name", gpu.SMOKE_MODELS)
