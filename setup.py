@@ -1,13 +1,13 @@
-"""Installs the ``spatial_mamba`` package.
+"""Builds the optional CUDA kernels; the package metadata is in ``pyproject.toml``.
 
-The CUDA kernels in ``kernels/`` are optional: they are compiled only when asked for with
-``SPATIAL_MAMBA_BUILD_CUDA=1`` (``python setup.py build_ext --inplace`` or ``pip install``). Without them the
-package uses its Triton kernels on GPUs, or its pure-PyTorch reference ops everywhere.
+The CUDA kernels in ``kernels/`` are compiled only when asked for with ``SPATIAL_MAMBA_BUILD_CUDA=1``
+(``python setup.py build_ext --inplace`` or ``pip install``). Without them the package uses its Triton kernels on
+GPUs, or its pure-PyTorch reference ops everywhere.
 """
 
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def cuda_extensions():
@@ -20,14 +20,4 @@ def cuda_extensions():
 
 ext_modules, cmdclass = cuda_extensions()
 
-setup(
-    name="spatial_mamba",
-    version="0.1.0",
-    description="Spatial-Mamba: visual state space models with structure-aware state fusion (reimplementation)",
-    license="Apache-2.0",
-    packages=find_packages(include=["spatial_mamba", "spatial_mamba.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.1", "timm>=0.9", "fvcore", "yacs", "pyyaml"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

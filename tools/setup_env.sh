@@ -30,7 +30,7 @@ if [ ! -x "$PY" ]; then
   python3 -m venv "$VENV"
 fi
 
-CORE_STAMP="$(stamp_of "$ROOT/requirements-dev.txt" "$ROOT/setup.py")"
+CORE_STAMP="$(stamp_of "$ROOT/requirements-dev.txt" "$ROOT/setup.py" "$ROOT/pyproject.toml")"
 if [ "$(cat "$VENV/.core-stamp" 2>/dev/null)" != "$CORE_STAMP" ]; then
   log "installing the pinned development environment (requirements-dev.txt)"
   "$PY" -m pip install -q --upgrade pip "setuptools>=77.0.3,<81" wheel  # torch needs >=77.0.3; see --mm below
