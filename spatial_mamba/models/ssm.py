@@ -1,5 +1,6 @@
 """The token mixer: a raster-order selective scan whose hidden states are fused with dilated depthwise
-convolutions before the observation step (SPEC §1.5, §1.6; paper eqs. for x_t, h_t and y_t)."""
+convolutions before the observation step (the paper's eqs. for x_t, h_t and y_t;
+``classification/models/spatialmamba.py`` in the official repository)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import selective_scan_fn, state_fusion
+from ..ops.state_fusion import PATHS
 
 __all__ = ["StateFusion", "StructureAwareSSM"]
 
@@ -22,18 +24,17 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 class StateFusion(nn.Module):
     """Structure-aware state fusion h_t = sum_k alpha_k x_{rho_k(t)}: three 3x3 depthwise kernels at dilations 1, 3, 5.
 
-    Training runs the three replicate-padded branches (on GPUs; the CPU runs the merged kernel, which is faster
-    there); evaluation runs one merged 11x11 kernel, which is exactly equivalent (replicate padding, SPEC §7.2).
-    The merged kernel is rebuilt from the current weights on every call:
-    the official code cached it on the first evaluation and kept using it after weight updates (SPEC §7.1).
+    ``path`` picks how the op computes this one function (``spatial_mamba.ops.state_fusion``): ``"auto"`` (the
+    25-tap op, one pass over the states, in training and evaluation), ``"branches"`` (the official training path,
+    which the FLOP count measures) or ``"merged"`` (the official evaluation path). It is not a state-dict entry.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, path: str = "auto"):
         super().__init__()
-        # Train through the merged kernel on the CPU (faster there); FLOP counting turns it off to count the
-        # official training path.
-        self.merged_on_cpu = True
-        # All-ones initialisation, as in the official code (SPEC §1.6, §7.7).
+        if path not in PATHS:
+            raise ValueError(f"StateFusion: path must be one of {', '.join(PATHS)}; got {path!r}")
+        self.path = path
+        # All-ones initialisation, as in the official code (README bug table, #7).
         self.kernel_3 = nn.Parameter(torch.ones(dim, 1, 3, 3))
         self.kernel_3_1 = nn.Parameter(torch.ones(dim, 1, 3, 3))
         self.kernel_3_2 = nn.Parameter(torch.ones(dim, 1, 3, 3))
@@ -44,21 +45,13 @@ class StateFusion(nn.Module):
         repeats = h.shape[1] // self.kernel_3.shape[0]
         if repeats > 1:  # d_state > 1: every state map of a channel shares that channel's kernels
             kernels = tuple(k.repeat_interleave(repeats, dim=0) for k in kernels)
-        if self.training:
-            # On the CPU the merged kernel is also the faster training path (one pass over h instead of three, and
-            # no dilated convolutions, whose oneDNN kernels are slow): the same function, only rounding differs.
-            return state_fusion(h, *kernels, self.alpha, merged=self.merged_on_cpu and h.device.type == "cpu")
-        # The official eval kernel is fp32-only, so the fused state is computed in fp32 even under autocast.
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            return state_fusion(
-                _at_least_fp32(h), *(_at_least_fp32(k) for k in kernels), _at_least_fp32(self.alpha), merged=True
-            )
+        return state_fusion(h, *kernels, self.alpha, path=self.path)
 
 
 class StructureAwareSSM(nn.Module):
     """Mamba-style mixer with a 3x3 depthwise conv, a single raster scan and state fusion; input/output (B, h, w, C).
 
-    Parameter names and shapes follow the official checkpoints (VMamba's SS2D naming, SPEC §2.1).
+    Parameter names and shapes follow the official checkpoints (VMamba's SS2D naming).
     """
 
     def __init__(
@@ -78,19 +71,19 @@ class StructureAwareSSM(nn.Module):
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
         d_inner = int(expand * d_model)
-        dt_rank = math.ceil(d_model / 16)  # from the block width C, not d_inner (SPEC §7.6)
+        dt_rank = math.ceil(d_model / 16)  # from the block width C, not d_inner (README bug table, #6)
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
         self.act = nn.SiLU()
 
-        # Rows [dt (R) ; B (N) ; C (N)], initialised like nn.Linear(d_inner, R + 2N) (SPEC §1.7).
+        # Rows [dt (R) ; B (N) ; C (N)], initialised like nn.Linear(d_inner, R + 2N) (the official ``x_proj``).
         x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.x_proj_weight = nn.Parameter(x_proj.weight.detach().clone())
         self.dt_projs_weight = nn.Parameter(self._dt_weight_init(dt_rank, d_inner, dt_init, dt_scale))
         self.dt_projs_bias = nn.Parameter(self._dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor))
-        # S4D-real init log(1..N); the official branch condition makes this the only init (SPEC §7.8).
+        # S4D-real init log(1..N); the official branch condition makes this the only init (README bug table, #8).
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.Ds = nn.Parameter(torch.ones(d_inner))
 
@@ -137,7 +130,7 @@ class StructureAwareSSM(nn.Module):
 
         hf = self.state_fusion(hs.view(batch, d_inner * d_state, height, width))
         hf = hf.view(batch, d_inner, d_state, length)
-        # Observation y_t = C_t h_t + D u_t, with D applied here and not in the scan (SPEC §7.5).
+        # Observation y_t = C_t h_t + D u_t, with D applied here and not in the scan (README bug table, #5).
         if d_state == 1:
             y = hf[:, :, 0] * Cs + u * self.Ds[:, None]
         else:

@@ -112,7 +112,7 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     w = y + 1
     correction = (w - 1).sub_(y).div_(w)
     out = w.log_().sub_(correction)
-    if bool(x.max() > _SOFTPLUS_THRESHOLD):
+    if x.numel() and bool(x.max() > _SOFTPLUS_THRESHOLD):
         out = torch.where(x > _SOFTPLUS_THRESHOLD, x, out)
     return out
 

@@ -94,7 +94,7 @@ def test_merged_fusion_kernel_follows_weight_updates_after_evaluation():
     # and the merged kernel in use is the one built from the updated weights
     fusion = model.layers[0].blocks[0].self_attention.state_fusion
     h = torch.randn(1, fusion.kernel_3.shape[0], 9, 7)
-    expected = state_fusion(h, fusion.kernel_3, fusion.kernel_3_1, fusion.kernel_3_2, fusion.alpha, merged=False)
+    expected = state_fusion(h, fusion.kernel_3, fusion.kernel_3_1, fusion.kernel_3_2, fusion.alpha, path="branches")
     torch.testing.assert_close(fusion(h), expected, rtol=1e-5, atol=1e-5)
 
 
