@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import selective_scan_fn, state_fusion
 from ..ops.state_fusion import PATHS
@@ -107,9 +108,24 @@ class StructureAwareSSM(nn.Module):
         return dt + torch.log(-torch.expm1(-dt))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _ = x.shape
+        if self.training and torch.is_grad_enabled():
+            # The backward recomputes the mixer from its input rather than keeping its intermediates, 14 tensors of
+            # (B, L, d_inner) floats (in_proj's output, the convolution's output, u in two layouts, Δ, the scan
+            # and fused states, the observation before and after the norm, the gate, out_proj's input): only x,
+            # half of one, is kept. This halves the training memory of the model (benchmarks/memory.py).
+            out = checkpoint(self._mix, x, use_reentrant=False)
+        else:
+            out = self._mix(x)
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return out
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) -> (B, h, w, C): in_proj, the scan and the fusion, the gated observation, out_proj."""
+        xz = self.in_proj(x)
+        batch, height, width, _ = xz.shape
         length, d_inner, d_state = height * width, self.d_inner, self.d_state
-        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x, z = xz.chunk(2, dim=-1)
 
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
         u = x.reshape(batch, d_inner, length)  # row-major flatten: the raster scan order t = row * w + col
@@ -137,8 +153,4 @@ class StructureAwareSSM(nn.Module):
             y = torch.einsum("bdnl,bnl->bdl", hf, Cs.to(hf.dtype)) + u * self.Ds[:, None]
 
         y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, d_inner))
-        y = y * F.silu(z)
-        out = self.out_proj(y)
-        if self.dropout is not None:
-            out = self.dropout(out)
-        return out
+        return self.out_proj(y * F.silu(z))
