@@ -109,10 +109,11 @@ class StructureAwareSSM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
-            # The backward recomputes the mixer from its input rather than keeping its intermediates, 14 tensors of
-            # (B, L, d_inner) floats (in_proj's output, the convolution's output, u in two layouts, Δ, the scan
-            # and fused states, the observation before and after the norm, the gate, out_proj's input): only x,
-            # half of one, is kept. This halves the training memory of the model (benchmarks/memory.py).
+            # The backward recomputes the mixer from its input rather than keeping its intermediates, the size of 14
+            # (B, L, d_inner) float tensors (in_proj's output, twice that width; the convolution's input and output;
+            # u in two layouts; Δ before and after the softplus; the scan and fused states; the observation before
+            # and after the norm; silu(z); out_proj's input). Only x, half of one, is kept: this halves the training
+            # memory of the model (benchmarks/memory.py).
             out = checkpoint(self._mix, x, use_reentrant=False)
         else:
             out = self._mix(x)
