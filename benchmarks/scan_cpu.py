@@ -18,7 +18,7 @@ import torch
 
 from spatial_mamba.ops.selective_scan import selective_scan_ref
 
-# (Dn, L, blocks): Spatial-Mamba-T at 224x224 (SPEC §1.8).
+# (Dn, L, blocks): Spatial-Mamba-T at 224x224 (the official ``spatialmamba_tiny`` config).
 STAGES = ((128, 3136, 2), (256, 784, 4), (512, 196, 8), (1024, 49, 4))
 
 

@@ -1,7 +1,9 @@
-"""FLOP counting the way the official code reports it (SPEC §3c): fvcore conventions, i.e. one multiply-add counts
-as one FLOP; matmuls and convolutions by their MACs, LayerNorm/BatchNorm (train mode) as 5 per element, element-wise
-ops and pooling not counted, and the hidden-state scan as 7·B·L·D·N. Like the official ``flops()``, the model is
-measured in train mode, so the state fusion counts its three dilated 3x3 branches rather than the merged 11x11 kernel.
+"""FLOP counting the way the official code reports it (``flops()`` in ``classification/models/spatialmamba.py``):
+fvcore conventions, i.e. one multiply-add counts as one FLOP; matmuls and convolutions by their MACs,
+LayerNorm/BatchNorm (train mode) as 5 per element, element-wise ops and pooling not counted, and the hidden-state
+scan as 7·B·L·D·N. Like the official ``flops()``, the model is measured in train mode, so the state fusion counts its
+three dilated 3x3 branches (``path="branches"``); evaluation (``train=False``) counts the merged 11x11 kernel of the
+official evaluation path.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def count_flops(
     model = copy.deepcopy(model).train(train)
     for module in model.modules():
         if isinstance(module, StateFusion):
-            module.merged_on_cpu = False  # the official count is of the three dilated branches
+            module.path = "branches" if train else "merged"  # the official paths, whatever the default path is
         # BN statistics do not change the count, and eval-mode BN also runs on 1x1 maps of a single image.
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()

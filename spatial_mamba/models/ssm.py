@@ -1,5 +1,6 @@
 """The token mixer: a raster-order selective scan whose hidden states are fused with dilated depthwise
-convolutions before the observation step (SPEC §1.5, §1.6; paper eqs. for x_t, h_t and y_t)."""
+convolutions before the observation step (the paper's eqs. for x_t, h_t and y_t;
+``classification/models/spatialmamba.py`` in the official repository)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import selective_scan_fn, state_fusion
+from ..ops.state_fusion import PATHS
 
 __all__ = ["StateFusion", "StructureAwareSSM"]
 
@@ -22,18 +25,17 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 class StateFusion(nn.Module):
     """Structure-aware state fusion h_t = sum_k alpha_k x_{rho_k(t)}: three 3x3 depthwise kernels at dilations 1, 3, 5.
 
-    Training runs the three replicate-padded branches (on GPUs; the CPU runs the merged kernel, which is faster
-    there); evaluation runs one merged 11x11 kernel, which is exactly equivalent (replicate padding, SPEC §7.2).
-    The merged kernel is rebuilt from the current weights on every call:
-    the official code cached it on the first evaluation and kept using it after weight updates (SPEC §7.1).
+    ``path`` picks how the op computes this one function (``spatial_mamba.ops.state_fusion``): ``"auto"`` (the
+    25-tap op, one pass over the states, in training and evaluation), ``"branches"`` (the official training path,
+    which the FLOP count measures) or ``"merged"`` (the official evaluation path). It is not a state-dict entry.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, path: str = "auto"):
         super().__init__()
-        # Train through the merged kernel on the CPU (faster there); FLOP counting turns it off to count the
-        # official training path.
-        self.merged_on_cpu = True
-        # All-ones initialisation, as in the official code (SPEC §1.6, §7.7).
+        if path not in PATHS:
+            raise ValueError(f"StateFusion: path must be one of {', '.join(PATHS)}; got {path!r}")
+        self.path = path
+        # All-ones initialisation, as in the official code (README bug table, #7).
         self.kernel_3 = nn.Parameter(torch.ones(dim, 1, 3, 3))
         self.kernel_3_1 = nn.Parameter(torch.ones(dim, 1, 3, 3))
         self.kernel_3_2 = nn.Parameter(torch.ones(dim, 1, 3, 3))
@@ -44,21 +46,13 @@ class StateFusion(nn.Module):
         repeats = h.shape[1] // self.kernel_3.shape[0]
         if repeats > 1:  # d_state > 1: every state map of a channel shares that channel's kernels
             kernels = tuple(k.repeat_interleave(repeats, dim=0) for k in kernels)
-        if self.training:
-            # On the CPU the merged kernel is also the faster training path (one pass over h instead of three, and
-            # no dilated convolutions, whose oneDNN kernels are slow): the same function, only rounding differs.
-            return state_fusion(h, *kernels, self.alpha, merged=self.merged_on_cpu and h.device.type == "cpu")
-        # The official eval kernel is fp32-only, so the fused state is computed in fp32 even under autocast.
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            return state_fusion(
-                _at_least_fp32(h), *(_at_least_fp32(k) for k in kernels), _at_least_fp32(self.alpha), merged=True
-            )
+        return state_fusion(h, *kernels, self.alpha, path=self.path)
 
 
 class StructureAwareSSM(nn.Module):
     """Mamba-style mixer with a 3x3 depthwise conv, a single raster scan and state fusion; input/output (B, h, w, C).
 
-    Parameter names and shapes follow the official checkpoints (VMamba's SS2D naming, SPEC §2.1).
+    Parameter names and shapes follow the official checkpoints (VMamba's SS2D naming).
     """
 
     def __init__(
@@ -78,19 +72,19 @@ class StructureAwareSSM(nn.Module):
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
         d_inner = int(expand * d_model)
-        dt_rank = math.ceil(d_model / 16)  # from the block width C, not d_inner (SPEC §7.6)
+        dt_rank = math.ceil(d_model / 16)  # from the block width C, not d_inner (README bug table, #6)
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
         self.act = nn.SiLU()
 
-        # Rows [dt (R) ; B (N) ; C (N)], initialised like nn.Linear(d_inner, R + 2N) (SPEC §1.7).
+        # Rows [dt (R) ; B (N) ; C (N)], initialised like nn.Linear(d_inner, R + 2N) (the official ``x_proj``).
         x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.x_proj_weight = nn.Parameter(x_proj.weight.detach().clone())
         self.dt_projs_weight = nn.Parameter(self._dt_weight_init(dt_rank, d_inner, dt_init, dt_scale))
         self.dt_projs_bias = nn.Parameter(self._dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor))
-        # S4D-real init log(1..N); the official branch condition makes this the only init (SPEC §7.8).
+        # S4D-real init log(1..N); the official branch condition makes this the only init (README bug table, #8).
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.Ds = nn.Parameter(torch.ones(d_inner))
 
@@ -114,9 +108,25 @@ class StructureAwareSSM(nn.Module):
         return dt + torch.log(-torch.expm1(-dt))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _ = x.shape
+        if self.training and torch.is_grad_enabled():
+            # The backward recomputes the mixer from its input rather than keeping its intermediates, the size of 14
+            # (B, L, d_inner) float tensors (in_proj's output, twice that width; the convolution's input and output;
+            # u in two layouts; Δ before and after the softplus; the scan and fused states; the observation before
+            # and after the norm; silu(z); out_proj's input). Only x, half of one, is kept: this halves the training
+            # memory of the model (benchmarks/memory.py).
+            out = checkpoint(self._mix, x, use_reentrant=False)
+        else:
+            out = self._mix(x)
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return out
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) -> (B, h, w, C): in_proj, the scan and the fusion, the gated observation, out_proj."""
+        xz = self.in_proj(x)
+        batch, height, width, _ = xz.shape
         length, d_inner, d_state = height * width, self.d_inner, self.d_state
-        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x, z = xz.chunk(2, dim=-1)
 
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
         u = x.reshape(batch, d_inner, length)  # row-major flatten: the raster scan order t = row * w + col
@@ -137,15 +147,11 @@ class StructureAwareSSM(nn.Module):
 
         hf = self.state_fusion(hs.view(batch, d_inner * d_state, height, width))
         hf = hf.view(batch, d_inner, d_state, length)
-        # Observation y_t = C_t h_t + D u_t, with D applied here and not in the scan (SPEC §7.5).
+        # Observation y_t = C_t h_t + D u_t, with D applied here and not in the scan (README bug table, #5).
         if d_state == 1:
             y = hf[:, :, 0] * Cs + u * self.Ds[:, None]
         else:
             y = torch.einsum("bdnl,bnl->bdl", hf, Cs.to(hf.dtype)) + u * self.Ds[:, None]
 
         y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, d_inner))
-        y = y * F.silu(z)
-        out = self.out_proj(y)
-        if self.dropout is not None:
-            out = self.dropout(out)
-        return out
+        return self.out_proj(y * F.silu(z))

@@ -1,4 +1,4 @@
-"""Depthwise 2-D convolution with replicate padding (the SASF convolution, SPEC §1.6, §3b)."""
+"""Depthwise 2-D convolution with replicate padding (the convolution of the structure-aware state fusion)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ class _DepthwiseConvReplicateCPU(torch.autograd.Function):
                 F.pad(grad_out, (2 * pad,) * 4), weight.flip(-1, -2), dilation=dilation, groups=channels
             )
             grad_x = torch.ops.aten.replication_pad2d_backward(grad_padded, x, [pad] * 4)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and batch == 0:
+            grad_w = torch.zeros_like(weight)
+        elif ctx.needs_input_grad[1]:
             padded = F.pad(x, (pad,) * 4, mode="replicate")
             grad_w = F.conv2d(
                 padded.reshape(1, batch * channels, height + 2 * pad, width + 2 * pad),
@@ -55,7 +57,7 @@ def depthwise_conv2d_replicate_ref(x: torch.Tensor, weight: torch.Tensor, dilati
     """Pure-PyTorch depthwise conv (backend implementation signature, see ``backend``).
 
     Keeps autocast's behaviour: under CPU bfloat16 or CUDA float16 autocast the convolution runs in low precision,
-    as the official training path does (SPEC §1.5, dtypes under AMP).
+    as the official training path does.
     """
     if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         if torch.is_autocast_enabled("cpu"):

@@ -1,4 +1,5 @@
-"""Hidden-state selective scan of Spatial-Mamba (SPEC §1.5 step 7, §3a).
+"""Hidden-state selective scan of Spatial-Mamba (the paper's eq. for x_t; the official
+``kernels/selective_scan`` extension).
 
 For every batch element b, inner channel d and state n, one raster-order scan over the L tokens::
 
@@ -30,7 +31,7 @@ __all__ = ["selective_scan_fn", "selective_scan_ref"]
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PARAM_DTYPES = (torch.float32, torch.float64)
 
-# The official softplus: log1p(exp(v)) for v <= 20, v above (SPEC §1.5 step 7); F.softplus has the same rule.
+# The official softplus: log1p(exp(v)) for v <= 20, v above; F.softplus has the same rule.
 _SOFTPLUS_THRESHOLD = 20.0
 
 
@@ -102,7 +103,7 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
-    """The official softplus: log1p(exp(x)) for x <= 20, x above (SPEC §1.5 step 7).
+    """The official softplus: log1p(exp(x)) for x <= 20, x above.
 
     torch.log1p (and F.softplus) is not vectorised on the CPU and would cost more than the scan itself, so log1p(y)
     is computed as log(w) - ((w - 1) - y) / w with w = 1 + y rounded: the second term undoes the rounding of w to
@@ -112,7 +113,7 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     w = y + 1
     correction = (w - 1).sub_(y).div_(w)
     out = w.log_().sub_(correction)
-    if bool(x.max() > _SOFTPLUS_THRESHOLD):
+    if x.numel() and bool(x.max() > _SOFTPLUS_THRESHOLD):
         out = torch.where(x > _SOFTPLUS_THRESHOLD, x, out)
     return out
 
@@ -238,7 +239,7 @@ def selective_scan_fn(
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ):
-    """Hidden states of the selective scan (module docstring, SPEC §1.5 step 7, §3a).
+    """Hidden states of the selective scan (module docstring).
 
     Args:
         u, delta: (Bt, Dn, L), float32, float16 or bfloat16, the same dtype (float64 runs on the reference only).
@@ -253,10 +254,10 @@ def selective_scan_fn(
     if D is not None:
         raise ValueError(
             "selective_scan_fn: D must be None; Spatial-Mamba applies D outside the scan "
-            "(y = fused_state * C + u * D) and the official wrapper ignored it (SPEC §7.5)"
+            "(y = fused_state * C + u * D) and the official wrapper ignored it (README bug table, #5)"
         )
     if z is not None:
-        raise ValueError("selective_scan_fn: z must be None; Spatial-Mamba's scan has no z gate (SPEC §3a)")
+        raise ValueError("selective_scan_fn: z must be None; Spatial-Mamba's scan has no z gate")
     if u.dim() != 3:
         raise ValueError(f"selective_scan_fn: u must be (batch, channels, length); got shape {tuple(u.shape)}")
     batch, channels, length = u.shape

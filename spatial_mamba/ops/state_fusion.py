@@ -1,22 +1,52 @@
-"""Structure-aware state fusion (SASF, SPEC §1.6): three dilated depthwise 3x3 convolutions of the scan state.
+"""Structure-aware state fusion (SASF, the paper's eq. for h_t): three dilated depthwise 3x3 convolutions of the
+scan state, weighted by alpha.
 
 h_t = Σ_{d ∈ {1, 3, 5}} α_d Σ_{i, j ∈ {-1, 0, 1}} k^d_ij x_{t + d i w + d j}, with replicate borders.
 
-The training path runs the three dilated convolutions; the merged (re-parameterised) path runs one 11x11 depthwise
-convolution whose kernel places the three dilated kernels on one grid. With replicate padding both are exactly the
-same function, borders included (SPEC §7.2).
+The three kernels share their centre, so the function has 25 distinct taps (``FUSION_OFFSETS``). Three ways to run
+it, all exactly the same function, borders included (replicate padding; README bug table, #2):
+
+- ``"taps"``: the backend op ``state_fusion(h, taps)`` over the 25 taps from ``fusion_taps`` in one pass over h;
+- ``"branches"``: the three replicate-padded dilated convolutions (the official training path, and the one the
+  official FLOP count measures);
+- ``"merged"``: one 11x11 depthwise convolution whose kernel places the three dilated kernels on one grid (the
+  official evaluation path, ``classification/models/spatialmamba.py``).
+
+``"auto"`` is the taps op.
 """
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 
-from .dwconv2d import depthwise_conv2d_replicate
+from . import backend
+from .dwconv2d import depthwise_conv2d_replicate, depthwise_conv2d_replicate_ref
 
-__all__ = ["DILATIONS", "merge_state_fusion_kernels", "state_fusion"]
+__all__ = [
+    "DILATIONS",
+    "FUSION_OFFSETS",
+    "PATHS",
+    "fusion_taps",
+    "merge_state_fusion_kernels",
+    "state_fusion",
+    "state_fusion_ref",
+]
 
 DILATIONS = (1, 3, 5)
+PATHS = ("auto", "taps", "branches", "merged")
+
+# (dy, dx) of the 25 taps: the shared centre, then each dilation's 8 outer taps in the row-major order of its kernel.
+FUSION_OFFSETS: Tuple[Tuple[int, int], ...] = ((0, 0),) + tuple(
+    (d * i, d * j) for d in DILATIONS for i in (-1, 0, 1) for j in (-1, 0, 1) if (i, j) != (0, 0)
+)
+RADIUS = DILATIONS[-1]
+_OUTER = [0, 1, 2, 3, 5, 6, 7, 8]  # the row-major indices of a 3x3 kernel without its centre (4)
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, *_HALF_DTYPES)
 
 
 def _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha) -> int:
@@ -29,6 +59,27 @@ def _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha) -> int:
     return channels
 
 
+def _param_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when any tensor is float64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def fusion_taps(kernel_3, kernel_3_1, kernel_3_2, alpha) -> torch.Tensor:
+    """The (C, 25) taps of the fusion in the order of ``FUSION_OFFSETS``, differentiable w.r.t. all inputs.
+
+    Tap 0 is α0·k3 + α1·k3_1 + α2·k3_2 at the centre; then α_d times the 8 outer taps of each dilation's kernel.
+    float32, or float64 when the parameters are float64.
+    """
+    channels = _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha)
+    dtype = _param_dtype(kernel_3, kernel_3_1, kernel_3_2, alpha)
+    weighted = [
+        alpha[index].to(dtype) * kernel.to(dtype).reshape(channels, 9)
+        for index, kernel in enumerate((kernel_3, kernel_3_1, kernel_3_2))
+    ]
+    centre = weighted[0][:, 4:5] + weighted[1][:, 4:5] + weighted[2][:, 4:5]
+    return torch.cat([centre, *(w[:, _OUTER] for w in weighted)], dim=1)
+
+
 def _dilate(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
     """(D, 1, 3, 3) -> (D, 1, 2 d + 1, 2 d + 1) with the taps d apart and zeros between them, out of place."""
     spaced = F.pad(kernel[:, :, :, None, :, None], (0, dilation - 1, 0, 0, 0, dilation - 1))
@@ -37,37 +88,84 @@ def _dilate(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
 
 
 def merge_state_fusion_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha) -> torch.Tensor:
-    """The (D, 1, 11, 11) kernel equal to the three branches (SPEC §1.6, eval path).
+    """The (D, 1, 11, 11) kernel equal to the three branches (the official evaluation path).
 
     α0·kernel_3 fills rows/cols 4..6, α1·kernel_3_1 the taps {2, 5, 8}², α2·kernel_3_2 the taps {0, 5, 10}², and the
     centre sums the three centre taps. Built out of place, so gradients reach the kernels and alpha. The result is
     float32 (float64 when the kernels are float64).
     """
     _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha)
-    dtype = torch.promote_types(torch.promote_types(kernel_3.dtype, alpha.dtype), torch.float32)
+    dtype = _param_dtype(kernel_3, kernel_3_1, kernel_3_2, alpha)
     placed = [
-        F.pad(_dilate(alpha[index].to(dtype) * kernel.to(dtype), dilation), 4 * (DILATIONS[-1] - dilation,))
+        F.pad(_dilate(alpha[index].to(dtype) * kernel.to(dtype), dilation), 4 * (RADIUS - dilation,))
         for index, (kernel, dilation) in enumerate(zip((kernel_3, kernel_3_1, kernel_3_2), DILATIONS))
     ]
     return placed[0] + placed[1] + placed[2]
 
 
-def state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, merged: bool) -> torch.Tensor:
-    """Fuses the scan states h (B, D, H, W) with their dilated neighbourhoods; returns (B, D, H, W).
+def _dense_kernel(taps: torch.Tensor) -> torch.Tensor:
+    """(C, 25) taps -> the (C, 1, 11, 11) kernel with each tap at its offset and zeros elsewhere (differentiable)."""
+    size = 2 * RADIUS + 1
+    index = torch.tensor([(RADIUS + dy) * size + RADIUS + dx for dy, dx in FUSION_OFFSETS], device=taps.device)
+    return taps.new_zeros(taps.shape[0], size * size).index_copy(1, index, taps).view(-1, 1, size, size)
 
-    merged=False is the official training path α0·dw(h, k3, 1) + α1·dw(h, k3_1, 3) + α2·dw(h, k3_2, 5), with each
-    α folded into its kernel (the same function, with three fewer passes over h). merged=True runs one 11x11
-    convolution with the kernel merged from the current weights on every call: the official code cached it on the
-    first eval call and never rebuilt it, so later weight updates were ignored (SPEC §7.1).
+
+def state_fusion_ref(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch taps op (backend implementation signature): out[b, c, y, x] = Σ_k taps[c, k] h[b, c, y + dy_k,
+    x + dx_k] with replicate borders, accumulated in float32 (float64 for float64 h), returned in h's dtype.
+
+    It runs as one depthwise convolution whose 11x11 kernel holds the 25 taps: on the CPU oneDNN's single pass over
+    h beats 25 element-wise passes (each a full read and write of h) by about 2.5x at Spatial-Mamba-T's first stage,
+    and the zero taps cost no memory traffic. The backward is the CPU-friendly one of ``depthwise_conv2d_replicate``.
     """
-    channels = _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha)
-    if h.dim() != 4 or h.shape[1] != channels:
-        raise ValueError(f"state fusion: h must be (batch, channels={channels}, height, width); got {tuple(h.shape)}")
-    if merged:
-        weight = merge_state_fusion_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha)
-        return depthwise_conv2d_replicate(h, weight.to(h.dtype), 1)
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    with torch.autocast(h.device.type, enabled=False):
+        out = depthwise_conv2d_replicate_ref(h.to(dtype), _dense_kernel(taps.to(dtype)), 1)
+    return out.to(h.dtype)
+
+
+backend.register("state_fusion", "reference", state_fusion_ref)
+
+
+def _branches(h, kernels, alpha) -> torch.Tensor:
+    """α0·dw(h, k3, 1) + α1·dw(h, k3_1, 3) + α2·dw(h, k3_2, 5), each α folded into its kernel (three fewer passes)."""
     fused = None
-    for index, (kernel, dilation) in enumerate(zip((kernel_3, kernel_3_1, kernel_3_2), DILATIONS)):
+    for index, (kernel, dilation) in enumerate(zip(kernels, DILATIONS)):
         branch = depthwise_conv2d_replicate(h, (alpha[index] * kernel).to(h.dtype), dilation)
         fused = branch if fused is None else fused.add_(branch)
     return fused
+
+
+def state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, path: str = "auto") -> torch.Tensor:
+    """Fuses the scan states h (B, C, H, W) with their dilated neighbourhoods; returns (B, C, H, W).
+
+    Args:
+        h: (B, C, H, W) float32, float16, bfloat16 or float64; B may be 0.
+        kernel_3, kernel_3_1, kernel_3_2: (C, 1, 3, 3), the kernels at dilations 1, 3 and 5. alpha: (3,).
+        path: ``"auto"`` (= ``"taps"``), ``"taps"``, ``"branches"`` or ``"merged"`` (module docstring). ``"taps"``
+            accumulates in float32 and returns h's dtype; ``"branches"`` keeps autocast's low-precision convolutions
+            as the official training path does; ``"merged"`` computes in float32 even under autocast, as the official
+            evaluation kernel does, and returns float32 (float64 for float64 inputs). The merged kernel is rebuilt
+            from the current weights on every call: the official code cached it on the first evaluation and kept
+            using it after weight updates (README bug table, #1).
+    """
+    if path not in PATHS:
+        raise ValueError(f"state fusion: path must be one of {', '.join(PATHS)}; got {path!r}")
+    channels = _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha)
+    if h.dim() != 4 or h.shape[1] != channels:
+        raise ValueError(f"state fusion: h must be (batch, channels={channels}, height, width); got {tuple(h.shape)}")
+    if h.dtype not in _DTYPES:
+        raise TypeError(f"state fusion: h must be float32, float16, bfloat16 or float64; got {h.dtype}")
+    if min(h.shape[2:]) < 1:
+        raise ValueError(f"state fusion: h must have height and width >= 1; got {tuple(h.shape)}")
+    if path in ("auto", "taps"):
+        taps = fusion_taps(kernel_3, kernel_3_1, kernel_3_2, alpha)
+        taps = taps.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+        h = h.contiguous()
+        return backend.select("state_fusion", h)(h, taps)
+    if path == "branches":
+        return _branches(h, (kernel_3, kernel_3_1, kernel_3_2), alpha)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        weight = merge_state_fusion_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha)
+        h = h if h.dtype == torch.float64 else h.float()
+        return depthwise_conv2d_replicate(h, weight.to(h.dtype), 1)

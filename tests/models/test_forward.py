@@ -1,4 +1,4 @@
-"""The model computes SPEC §1.5/§1.6 exactly, for any input size, in train and eval mode."""
+"""The model computes the paper's scan and state fusion exactly, for any input size, in train and eval mode."""
 
 import copy
 
@@ -12,7 +12,7 @@ from spatial_mamba.ops import state_fusion
 
 
 def spec_ssm_forward(ssm: StructureAwareSSM, x: torch.Tensor) -> torch.Tensor:
-    """SPEC §1.5 written out step by step: sequential raster scan and three replicate-padded dilated convs."""
+    """The official forward step by step: sequential raster scan and three replicate-padded dilated convs."""
     b, h, w, _ = x.shape
     d, n, r, L = ssm.d_inner, ssm.d_state, ssm.dt_rank, h * w
     xz = x @ ssm.in_proj.weight.T
@@ -75,7 +75,7 @@ def test_model_accepts_any_input_size(size):
 
 
 def test_merged_fusion_kernel_follows_weight_updates_after_evaluation():
-    """Official bug SPEC §7.1: the merged kernel was cached at the first evaluation and never rebuilt."""
+    """Official bug (README bug table, #1): the merged kernel was cached at the first evaluation and never rebuilt."""
     torch.manual_seed(0)
     model = SpatialMamba(dims=16, depths=(1, 1, 1, 1), num_classes=7)
     x = torch.randn(2, 3, 32, 32)
@@ -94,7 +94,7 @@ def test_merged_fusion_kernel_follows_weight_updates_after_evaluation():
     # and the merged kernel in use is the one built from the updated weights
     fusion = model.layers[0].blocks[0].self_attention.state_fusion
     h = torch.randn(1, fusion.kernel_3.shape[0], 9, 7)
-    expected = state_fusion(h, fusion.kernel_3, fusion.kernel_3_1, fusion.kernel_3_2, fusion.alpha, merged=False)
+    expected = state_fusion(h, fusion.kernel_3, fusion.kernel_3_1, fusion.kernel_3_2, fusion.alpha, path="branches")
     torch.testing.assert_close(fusion(h), expected, rtol=1e-5, atol=1e-5)
 
 

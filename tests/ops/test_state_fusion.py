@@ -1,4 +1,4 @@
-"""Structure-aware state fusion (spatial_mamba/ops/state_fusion.py, SPEC §1.6, §7.1, §7.2).
+"""Structure-aware state fusion (spatial_mamba/ops/state_fusion.py; README bug table, #1 and #2).
 
 The merged 11x11 path and the three-branch training path are the same function, borders included, so they are
 compared in float32 with rtol 1e-5 and atol 1e-6 * max (different summation orders of at most 27 taps), and in
@@ -46,8 +46,8 @@ def assert_close(actual, expected, rtol, atol_of_max):
 @pytest.mark.parametrize("size", SIZES)
 def test_merged_kernel_equals_the_three_branches_at_borders(size):
     h, kernels, alpha = make(2, 4, size)
-    branches = state_fusion(h, *kernels, alpha, merged=False)
-    merged = state_fusion(h, *kernels, alpha, merged=True)
+    branches = state_fusion(h, *kernels, alpha, path="branches")
+    merged = state_fusion(h, *kernels, alpha, path="merged")
     assert merged.shape == branches.shape == h.shape
     assert_close(merged, branches, 1e-5, 1e-6)
 
@@ -57,7 +57,9 @@ def test_merged_kernel_equals_the_three_branches_at_borders(size):
 def test_fusion_equals_three_replicate_padded_nn_convs(size, merged):
     h, kernels, alpha = make(2, 4, size)
     expected = three_replicate_convs(h.detach().double(), [k.detach().double() for k in kernels], alpha.double())
-    assert_close(state_fusion(h, *kernels, alpha, merged=merged).double(), expected, 1e-5, 1e-6)
+    assert_close(
+        state_fusion(h, *kernels, alpha, path="merged" if merged else "branches").double(), expected, 1e-5, 1e-6
+    )
 
 
 def test_merged_kernel_places_each_dilated_kernel_on_its_taps():
@@ -78,31 +80,33 @@ def test_gradients_of_merged_and_branches_agree():
     h, kernels, alpha = make(2, 3, (5, 7), dtype=torch.float64)
     leaves = [h, *kernels, alpha]
     dy = torch.randn(h.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    merged = torch.autograd.grad(state_fusion(h, *kernels, alpha, merged=True), leaves, dy)
-    branches = torch.autograd.grad(state_fusion(h, *kernels, alpha, merged=False), leaves, dy)
+    merged = torch.autograd.grad(state_fusion(h, *kernels, alpha, path="merged"), leaves, dy)
+    branches = torch.autograd.grad(state_fusion(h, *kernels, alpha, path="branches"), leaves, dy)
     for name, a, b in zip(["h", "kernel_3", "kernel_3_1", "kernel_3_2", "alpha"], merged, branches):
         assert a.abs().max() > 0, name
         assert_close(a, b, 1e-12, 1e-12)
 
 
 def test_merged_path_follows_weights_changed_in_place():
-    # The official code cached the merged kernel on the first eval call and never rebuilt it (SPEC §7.1).
+    # The official code cached the merged kernel on the first eval call and never rebuilt it (README bug table, #1).
     h, kernels, alpha = make(1, 3, (6, 6))
-    before = state_fusion(h, *kernels, alpha, merged=True)
+    before = state_fusion(h, *kernels, alpha, path="merged")
     with torch.no_grad():
         kernels[1].mul_(-2.0)
         alpha[2] += 0.5
-    after = state_fusion(h, *kernels, alpha, merged=True)
+    after = state_fusion(h, *kernels, alpha, path="merged")
     assert (after - before).abs().max() > 1e-2
-    assert_close(after, state_fusion(h, *kernels, alpha, merged=False), 1e-5, 1e-6)
+    assert_close(after, state_fusion(h, *kernels, alpha, path="branches"), 1e-5, 1e-6)
 
 
 def test_all_ones_init_sums_twenty_seven_taps_of_a_constant_map():
-    # With the official init (kernels and alpha all ones) a constant map is multiplied by 27 (SPEC §7.7).
+    # With the official init (kernels and alpha all ones) a constant map is multiplied by 27 (README bug table, #7).
     h = torch.full((1, 2, 4, 5), 0.5)
     ones = [torch.ones(2, 1, 3, 3) for _ in range(3)]
     for merged in (False, True):
-        torch.testing.assert_close(state_fusion(h, *ones, torch.ones(3), merged=merged), torch.full_like(h, 13.5))
+        torch.testing.assert_close(
+            state_fusion(h, *ones, torch.ones(3), path="merged" if merged else "branches"), torch.full_like(h, 13.5)
+        )
 
 
 @pytest.mark.parametrize(
@@ -118,7 +122,9 @@ def test_rejects_bad_shapes(h_shape, kernel_shape, alpha_shape, match):
     kernels = [torch.zeros(kernel_shape), torch.zeros(3, 1, 3, 3), torch.zeros(3, 1, 3, 3)]
     for merged in (False, True):
         with pytest.raises(ValueError, match=match):
-            state_fusion(torch.zeros(h_shape), *kernels, torch.zeros(alpha_shape), merged=merged)
+            state_fusion(
+                torch.zeros(h_shape), *kernels, torch.zeros(alpha_shape), path="merged" if merged else "branches"
+            )
 
 
 def test_merge_rejects_mismatched_kernels():

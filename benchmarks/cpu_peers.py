@@ -1,0 +1,139 @@
+"""CPU speed of Spatial-Mamba-T against timm's Swin-T, ConvNeXt-T and MambaOut-T, measured in one process.
+
+    python benchmarks/cpu_peers.py [--rounds 3] [--cases train_b8_224 infer_b8_224 infer_b1_512 infer_b1_1024]
+        [--out benchmarks/results/cpu_peers.json]
+
+Cases: a training step (forward, backward and an SGD update) at batch 8, 224x224, and inference (``torch.no_grad``,
+eval mode) at batch 8 224x224, batch 1 512x512 and batch 1 1024x1024, all on random data with randomly initialised
+models. Every case runs in interleaved rounds (one call of each model per round, after one warm-up call each), so
+that a change of load on a shared machine hits every model alike; the table holds median seconds and each model's
+ratio to Swin-T. Prints the table and writes it, with the machine and the thread count, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import timm
+import torch
+
+import spatial_mamba  # noqa: F401  (registers spatial_mamba_* with timm)
+
+MODELS = {
+    "Spatial-Mamba-T": "spatial_mamba_tiny",
+    "Swin-T": "swin_tiny_patch4_window7_224",
+    "ConvNeXt-T": "convnext_tiny",
+    "MambaOut-T": "mambaout_tiny",
+}
+REFERENCE = "Swin-T"
+# name: (training?, batch, image size)
+CASES = {
+    "train_b8_224": (True, 8, 224),
+    "infer_b8_224": (False, 8, 224),
+    "infer_b1_512": (False, 1, 512),
+    "infer_b1_1024": (False, 1, 1024),
+}
+
+
+def build(name: str, img_size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    # Swin's window attention is built for one input size; the others take any size.
+    kwargs = {"img_size": img_size} if name.startswith("swin") else {}
+    return timm.create_model(name, num_classes=1000, **kwargs)
+
+
+def step_fn(model: torch.nn.Module, train: bool, batch: int, img_size: int) -> Callable[[], None]:
+    """One training step or one inference call of ``model`` on fixed random data."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img_size, img_size, generator=gen)
+    if not train:
+        model.eval()
+
+        def infer():
+            with torch.no_grad():
+                model(x)
+
+        return infer
+    model.train()
+    y = torch.randint(0, 1000, (batch,), generator=gen)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def train_step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return train_step
+
+
+def run_case(case: str, rounds: int) -> Dict[str, Dict[str, object]]:
+    train, batch, img_size = CASES[case]
+    steps = {label: step_fn(build(name, img_size), train, batch, img_size) for label, name in MODELS.items()}
+    for step in steps.values():  # warm-up: allocator, oneDNN primitive caches
+        step()
+    times: Dict[str, list] = {label: [] for label in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[label].append(time.perf_counter() - start)
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    return {
+        label: {
+            "median_s": medians[label],
+            "runs_s": times[label],
+            "ratio_to_swin_t": medians[label] / medians[REFERENCE],
+        }
+        for label in steps
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per case (median reported)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_peers.json"))
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+
+    results = {}
+    header = f"{'case':<16}" + "".join(f"{label:>17}" for label in MODELS) + f"{'ours / Swin-T':>15}"
+    print(header)
+    for case in args.cases:
+        results[case] = run_case(case, args.rounds)
+        row = results[case]
+        print(
+            f"{case:<16}"
+            + "".join(f"{row[label]['median_s']:>16.3f}s" for label in MODELS)
+            + f"{row['Spatial-Mamba-T']['ratio_to_swin_t']:>15.2f}",
+            flush=True,
+        )
+    report = {
+        "benchmark": "cpu_peers",
+        "models": MODELS,
+        "cases": {case: dict(zip(("train", "batch", "img_size"), CASES[case])) for case in args.cases},
+        "rounds": args.rounds,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"report written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""What a training forward keeps for the backward, counted like benchmarks/memory.py (saved-tensor hooks, each storage
+once): a count of bytes, deterministic and independent of the machine."""
+
+import importlib.util
+from pathlib import Path
+
+import timm
+import torch
+
+from spatial_mamba.models.ssm import StructureAwareSSM
+
+_spec = importlib.util.spec_from_file_location(
+    "benchmarks_memory", Path(__file__).resolve().parents[2] / "benchmarks" / "memory.py"
+)
+memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(memory)
+
+# benchmarks/memory.py's activation count for Spatial-Mamba-T at batch 1, 64x64, float32:
+#   python benchmarks/memory.py --models T --batch-size 1 --img-size 64   (activations 8.35 MiB)
+TINY_B1_64_ACTIVATION_BYTES = 8_754_088
+
+
+def test_the_mixer_keeps_only_its_input_for_the_backward():
+    torch.manual_seed(0)
+    mixer = StructureAwareSSM(16)
+    x = torch.randn(2, 6, 5, 16, requires_grad=True)
+    sizes = memory.saved_bytes(mixer, x)
+    assert sizes["activations"] == x.numel() * x.element_size()
+    assert sizes["parameters"] == sum(p.numel() * 4 for p in mixer.parameters())
+
+
+def test_saved_bytes_of_the_tiny_model_do_not_grow_past_the_benchmark_figure():
+    torch.manual_seed(0)
+    model = timm.create_model("spatial_mamba_tiny", num_classes=1000)
+    sizes = memory.saved_bytes(model, torch.randn(1, 3, 64, 64))
+    assert sizes["activations"] <= TINY_B1_64_ACTIVATION_BYTES, sizes
