@@ -9,24 +9,57 @@ Custom ops (namespace ``spatial_mamba``, so that torch.compile and torch.export 
 with fake (meta) implementations and autograd formulas.
 
 Coverage: the selective scan kernels handle d_state N = 1 (all Spatial-Mamba models); the depthwise convolution
-handles odd kernel sizes 3 to 11 with any dilation. Other cases raise a ValueError that points to the reference
-backend; ``available()`` reports only whether the extension was built, since it does not see the shapes.
+handles odd kernel sizes 3 to 11 with any dilation; float32, float16 and bfloat16 inputs. ``available()`` reports
+whether the extension was built; ``supports_*`` tell the dispatcher which inputs the kernels cannot take, so that it
+hands those to the next backend. Called directly, the implementations raise a ValueError for such inputs.
 """
 
 # No `from __future__ import annotations`: torch.library.custom_op reads the annotations to build each op's schema.
 import importlib
 import warnings
 from types import ModuleType
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from . import backend
 
-__all__ = ["DWCONV_KERNEL_SIZES", "dwconv2d_cuda", "selective_scan_cuda"]
+__all__ = [
+    "DWCONV_KERNEL_SIZES",
+    "KERNEL_DTYPES",
+    "dwconv2d_cuda",
+    "selective_scan_cuda",
+    "supports_dwconv2d",
+    "supports_selective_scan",
+]
 
 BUILD_COMMAND = "SPATIAL_MAMBA_BUILD_CUDA=1 python setup.py build_ext --inplace"
 DWCONV_KERNEL_SIZES = (3, 5, 7, 9, 11)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_reasons(*tensors) -> List[str]:
+    return [
+        f"{str(t.dtype).replace('torch.', '')} inputs (the kernels take float32, float16 and bfloat16)"
+        for t in tensors[:1]
+        if isinstance(t, torch.Tensor) and t.dtype not in KERNEL_DTYPES
+    ]
+
+
+def supports_selective_scan(u=None, delta=None, A=None, B=None, delta_bias=None, *rest) -> List[str]:
+    """Why the scan kernels (CUDA and Triton) cannot take these inputs: d_state N > 1, or a dtype they lack."""
+    reasons = _dtype_reasons(u)
+    if isinstance(A, torch.Tensor) and (A.dim() != 2 or A.shape[1] != 1):
+        reasons.append(f"d_state N = {A.shape[-1]} (the kernels handle N = 1 only)")
+    return reasons
+
+
+def supports_dwconv2d(x=None, weight=None, *rest) -> List[str]:
+    """Why the CUDA convolution cannot take these inputs: a kernel size without a kernel, or a dtype it lacks."""
+    reasons = _dtype_reasons(x)
+    if isinstance(weight, torch.Tensor) and weight.shape[-1] not in DWCONV_KERNEL_SIZES:
+        reasons.append(f"kernel size {weight.shape[-1]} (the kernels handle {DWCONV_KERNEL_SIZES})")
+    return reasons
 
 
 def _import_extension(name: str) -> Tuple[Optional[ModuleType], str]:
@@ -185,5 +218,13 @@ if _scan_ext is not None:
     _register_selective_scan_ops(_scan_ext)
 if _dwconv_ext is not None:
     _register_dwconv2d_ops(_dwconv_ext)
-backend.register("selective_scan", "cuda", selective_scan_cuda, _availability(_scan_ext, _scan_why))
-backend.register("dwconv2d", "cuda", dwconv2d_cuda, _availability(_dwconv_ext, _dwconv_why))
+backend.register(
+    "selective_scan",
+    "cuda",
+    selective_scan_cuda,
+    _availability(_scan_ext, _scan_why),
+    supports=supports_selective_scan,
+)
+backend.register(
+    "dwconv2d", "cuda", dwconv2d_cuda, _availability(_dwconv_ext, _dwconv_why), supports=supports_dwconv2d
+)
