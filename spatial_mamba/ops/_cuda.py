@@ -225,6 +225,4 @@ backend.register(
     _availability(_scan_ext, _scan_why),
     supports=supports_selective_scan,
 )
-backend.register(
-    "dwconv2d", "cuda", dwconv2d_cuda, _availability(_dwconv_ext, _dwconv_why), supports=supports_dwconv2d
-)
+backend.register("dwconv2d", "cuda", dwconv2d_cuda, _availability(_dwconv_ext, _dwconv_why), supports=supports_dwconv2d)
