@@ -177,6 +177,10 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _on_cuda(tensors: Sequence) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+
+
 def _reasons(op: str, backend: str, tensors: Sequence, on_cuda: bool) -> List[str]:
     """Why ``backend`` cannot run ``op`` on ``tensors`` (empty when it can)."""
     impl = _REGISTRY.get(op, {}).get(backend)
@@ -209,7 +213,7 @@ def explain(op: str, *tensors) -> Choice:
     """
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}")
-    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+    on_cuda = _on_cuda(tensors)
     forced, forced_by = _forced(op)
     if forced is not None:
         reasons = _reasons(op, forced, tensors, on_cuda)

@@ -5,7 +5,7 @@ thread per CUDA thread, barriers for warp shuffles and __syncthreads, blocks run
 poisoned with NaN) and called through their launchers, so the launch configurations, the tiling and border
 handling, the warp scans and the partial-sum layouts are all exercised. What it cannot check: speed, races that need
 concurrent blocks, and the GPU's fast-math intrinsics. The binding's last steps (summing partials, casting) are
-mirrored here. Ground truth and tolerances: see ``tests/kernels/common.py``.
+mirrored here. Ground truth and tolerances: see ``tests/kernels/parity.py``.
 """
 
 import ctypes
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .common import DTYPES, check_conv, check_scan, conv_inputs, scan_inputs
+from .parity import DTYPES, check_conv, check_scan, conv_inputs, scan_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ROOT / "kernels"
