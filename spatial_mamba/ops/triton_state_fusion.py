@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import backend
-from ._cuda import KERNEL_DTYPES
+from ._cuda import supports_state_fusion
 from .triton_scan import _device_guard, available
 
 __all__ = ["N_TAPS", "state_fusion_triton", "supports"]
@@ -106,16 +106,8 @@ class _StateFusionTriton(torch.autograd.Function):
 
 
 def supports(h=None, taps=None, *rest):
-    """Why the fusion kernels (Triton and CUDA) cannot take these inputs."""
-    reasons = []
-    if isinstance(h, torch.Tensor):
-        if h.dtype not in KERNEL_DTYPES:
-            reasons.append(f"{str(h.dtype).replace('torch.', '')} inputs (the kernels take float32/float16/bfloat16)")
-        if h.dim() == 4 and h.shape[-2] * h.shape[-1] >= 2**31:
-            reasons.append(f"a {h.shape[-2]}x{h.shape[-1]} plane (the kernels index planes below 2**31 pixels)")
-    if isinstance(taps, torch.Tensor) and taps.dtype != torch.float32:
-        reasons.append(f"{str(taps.dtype).replace('torch.', '')} taps (the kernels take float32 taps)")
-    return reasons
+    """Why the Triton fusion kernels cannot take these inputs (the same limits as the CUDA kernels)."""
+    return supports_state_fusion(h, taps)
 
 
 def _check(h: torch.Tensor, taps: torch.Tensor):
