@@ -216,3 +216,25 @@ def test_emulated_state_fusion_computes_only_the_gradients_asked_for(emulated):
     assert torch.isnan(dtaps).all()
     _, dh_ref, _ = run_fusion(gather_fusion, h.double(), taps.double(), dy)
     assert_close(dh_only, dh_ref, ROUNDING[torch.float32], ATOL_OF_MAX, "dh")
+
+
+def test_emulated_softplus_keeps_float32_accuracy(emulated):
+    # With L = 1, B = u = 1 and A = 0 the scan returns Δ = softplus(delta) itself. The kernels' log-free softplus
+    # must match the official rule (log1p(exp(v)) up to 20, v above) to a few float32 ulp everywhere, also far below
+    # 0 where softplus(v) ~ exp(v) is tiny. (The emulation runs exact expf and division; on the GPU both are
+    # approximations with about 2**-21 relative error, well inside the scan tests' tolerances.)
+    raw = torch.cat([torch.linspace(-87.0, 19.99, 4001), torch.tensor([20.0, 20.1, 60.0])])
+    channels = raw.numel()
+    inputs = {
+        "u": torch.ones(1, channels, 1),
+        "delta": raw[None, :, None].clone(),
+        "A": torch.zeros(channels, 1),
+        "B": torch.ones(1, 1, 1),
+        "delta_bias": None,
+    }
+    hs = torch.full((1, channels, 1, 1), float("nan"))
+    pointers = [_ptr(inputs[k]) for k in ("u", "delta", "A", "B", "delta_bias")]
+    assert emulated.emu_scan_fwd(0, *pointers, 1, _ptr(hs), *_sizes(1, channels, 1)) == 0
+    value = raw.double()
+    expected = torch.where(value <= 20, torch.log1p(torch.exp(value.clamp(max=20))), value)
+    torch.testing.assert_close(hs.flatten().double(), expected, rtol=4 * 2.0**-24, atol=0)
