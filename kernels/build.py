@@ -43,7 +43,7 @@ EXTENSIONS: Dict[str, List[str]] = {
     ],
     "spatial_mamba._state_fusion_cuda": [
         "kernels/state_fusion/state_fusion.cpp",
-        "kernels/state_fusion/state_fusion.cu",
+        "kernels/state_fusion/state_fusion_kernels.cu",
     ],
 }
 

@@ -1,5 +1,5 @@
 // One-pass state fusion: 25 taps with a halo of 5 and replicate borders; the interface between the torch binding
-// (state_fusion.cpp) and the kernels (state_fusion.cu).
+// (state_fusion.cpp) and the kernels (state_fusion_kernels.cu).
 //
 // For every plane (b, c) of h (batch, channels, H, W) and the taps (channels, 25) float32:
 //   out[y, x] = Σ_k taps[c, k] h[clamp(y + dy_k, 0, H - 1), clamp(x + dx_k, 0, W - 1)]

@@ -39,7 +39,7 @@ SOURCES = [
     "selective_scan/selective_scan_bwd.cu",
     "dwconv2d/dwconv2d_fwd.cu",
     "dwconv2d/dwconv2d_wgrad.cu",
-    "state_fusion/state_fusion.cu",
+    "state_fusion/state_fusion_kernels.cu",
 ]
 KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LAUNCH = re.compile(r"([\w:]+(?:<[^;<>]*>)?)<<<(.*?)>>>\((.*?)\);")
