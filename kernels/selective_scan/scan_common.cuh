@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "common/float_io.cuh"
+#include "selective_scan.h"
 
 namespace spatial_mamba {
 namespace scan {
@@ -16,6 +17,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 // The official softplus switches to the identity above this value (the official
 // kernels/selective_scan/ softplus, and F.softplus), so must we.
 constexpr float kSoftplusThreshold = 20.f;
+
 
 // The affine map x -> a x + b; a scan of the recurrence x_t = a_t x_{t-1} + b_t composes these maps.
 struct Affine {
@@ -83,8 +85,9 @@ __device__ __forceinline__ float softplus_grad(float v) {
 // Loads the kItems consecutive elements of one lane starting at `start`; positions from `length` on read 0.
 // kVec: the host checked that rows start on vector boundaries and length % kItems == 0, so a lane's items are all
 // inside the row or all outside it.
+// Positions inside a row are 32-bit (kScanMaxLength); the row's base pointer carries the 64-bit offset.
 template <typename T, int kItems, bool kVec>
-__device__ __forceinline__ void load_items(const T* row, int64_t start, int64_t length, float (&out)[kItems]) {
+__device__ __forceinline__ void load_items(const T* row, int start, int length, float (&out)[kItems]) {
   if constexpr (kVec) {
     if (start < length) {
       load_vector<T, kItems>(row + start, out);
@@ -99,7 +102,7 @@ __device__ __forceinline__ void load_items(const T* row, int64_t start, int64_t 
 }
 
 template <typename T, int kItems, bool kVec>
-__device__ __forceinline__ void store_items(T* row, int64_t start, int64_t length, const float (&in)[kItems]) {
+__device__ __forceinline__ void store_items(T* row, int start, int length, const float (&in)[kItems]) {
   if constexpr (kVec) {
     if (start < length) store_vector<T, kItems>(row + start, in);
   } else {
@@ -113,6 +116,7 @@ __device__ __forceinline__ void store_items(T* row, int64_t start, int64_t lengt
 // Items per lane: a warp covers 32 * kItems positions per step, so short rows use short steps.
 template <typename F>
 cudaError_t dispatch_items(int64_t length, F&& launch) {
+  if (length > kScanMaxLength) return cudaErrorInvalidValue;  // the binding rejects such rows with a clear message
   if (length <= 64) return launch(std::integral_constant<int, 2>{});
   return launch(std::integral_constant<int, 8>{});
 }

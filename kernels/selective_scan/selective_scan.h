@@ -14,6 +14,10 @@
 
 namespace spatial_mamba {
 
+// Longest row the kernels take: positions inside a row are 32-bit (cheaper than 64-bit index math on every item),
+// with room for one step past the end; the row's start is a 64-bit offset, so batch * dim * length may exceed 2**31.
+constexpr int64_t kScanMaxLength = (int64_t{1} << 31) - 4096;
+
 struct ScanShape {
   int64_t batch = 0;
   int64_t dim = 0;

@@ -238,3 +238,11 @@ def test_emulated_softplus_keeps_float32_accuracy(emulated):
     value = raw.double()
     expected = torch.where(value <= 20, torch.log1p(torch.exp(value.clamp(max=20))), value)
     torch.testing.assert_close(hs.flatten().double(), expected, rtol=4 * 2.0**-24, atol=0)
+
+
+def test_emulated_scan_launchers_refuse_rows_beyond_32_bit_positions(emulated):
+    # Positions inside a row are 32-bit; longer rows are refused before any launch (the binding says why).
+    too_long = 2**31
+    null = [None] * 5
+    assert emulated.emu_scan_fwd(0, *null, 1, None, *_sizes(1, 1, too_long)) != 0
+    assert emulated.emu_scan_bwd(0, *null, 1, *[None] * 7, *_sizes(1, 1, too_long)) != 0
