@@ -12,12 +12,10 @@ Exits with status 1 when a measurement failed for a reason other than running ou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
 import math
-import os
 import platform
 import re
 import statistics
@@ -41,7 +39,12 @@ if str(ROOT) not in sys.path:
 
 import spatial_mamba  # noqa: E402, F401  (registers spatial_mamba_* with timm)
 from spatial_mamba.ops import backend  # noqa: E402
-from spatial_mamba.ops.state_fusion import DILATIONS, merge_state_fusion_kernels, state_fusion  # noqa: E402
+from spatial_mamba.ops.state_fusion import (  # noqa: E402
+    DILATIONS,
+    fusion_taps,
+    merge_state_fusion_kernels,
+    state_fusion,
+)
 
 FP32_BYTES = 4
 SECTIONS = ("scan", "fusion", "models")
@@ -93,9 +96,15 @@ SCAN_BYTES_DEFINITION = (
 )
 FUSION_BASELINE_DEFINITION = (
     "The same state fusion written with PyTorch: for each branch F.pad(h, mode='replicate') then a depthwise "
-    "F.conv2d (cuDNN on CUDA), alpha folded into the kernels, branches summed; the eval path's merged 11x11 kernel "
-    "from merge_state_fusion_kernels. speedup_vs_baseline = baseline ms / backend ms."
+    "F.conv2d, alpha folded into the kernels, branches summed; the eval path's merged 11x11 kernel from "
+    "merge_state_fusion_kernels. On CUDA, F.conv2d runs PyTorch's native depthwise kernels here, not cuDNN: PyTorch "
+    "sends fp32 NCHW and every dilated depthwise convolution to them. speedup_vs_baseline = baseline ms / backend "
+    "ms. 'fused' rows time the one-pass 25-tap state_fusion op (taps built from the kernels and alpha in the step)."
 )
+# Largest max|actual - expected| / max|expected| a backend may show against the float64 reference (scan) or the
+# float32 PyTorch baseline (fusion): fp32 results carry atol 2e-5 of the maximum (tests/kernels/parity.py) and
+# the fusion sums 25 fp32 terms in another order; 16-bit gradients add one rounding (one bfloat16 ulp, 2**-7).
+CHECK_MAX_REL_DIFF = {"float32": 1e-4, "bfloat16": 2.0**-7 + 1e-4}
 
 
 def log(message: str, start: float):
@@ -183,27 +192,24 @@ def relative_max_diff(actual: Sequence[torch.Tensor], expected: Sequence[torch.T
     return worst
 
 
-@contextlib.contextmanager
 def forced_backend(name: str):
-    """Forces every op onto backend ``name`` through ``SPATIAL_MAMBA_BACKEND``, restoring the variable after."""
-    previous = os.environ.get(backend.ENV_VAR)
-    os.environ[backend.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(backend.ENV_VAR)
-        else:
-            os.environ[backend.ENV_VAR] = previous
+    """Forces every op onto backend ``name`` (``backend.force``)."""
+    return backend.force(name)
 
 
-def backend_impl(op: str, name: str, probe: torch.Tensor) -> Tuple[Callable | None, str]:
-    """(implementation, "") of ``op`` on backend ``name`` for tensors like ``probe``, or (None, why it cannot run)."""
+def backend_impl(op: str, name: str, *probe) -> Tuple[Callable | None, str]:
+    """(implementation, "") of ``op`` on backend ``name`` for inputs like ``probe``, or (None, why it cannot run)."""
     with forced_backend(name):
         try:
-            return backend.choose(op, probe)[1], ""
-        except RuntimeError as error:
+            return backend.choose(op, *probe)[1], ""
+        except (RuntimeError, KeyError) as error:
             return None, str(error)
+
+
+def judge_difference(diff: float | None, dtype: str) -> Dict[str, object]:
+    """The check of a backend's result: its max relative difference, the threshold for ``dtype``, and the verdict."""
+    threshold = CHECK_MAX_REL_DIFF[dtype]
+    return {"check_threshold": threshold, "check_pass": None if diff is None else bool(diff <= threshold)}
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
@@ -347,8 +353,8 @@ def _bandwidth_from_properties(device: torch.device) -> float | None:
 
 
 def scan_inputs(run: Run):
-    """(u, delta, A, B, delta_bias), dhs in the model's ranges: A = -exp(log 1) (official init), delta_bias the inverse
-    softplus of dt log-uniform in [1e-3, 0.1]; u, delta, B in bfloat16 as under AMP."""
+    """(u, delta, A, B, delta_bias), dhs in the model's ranges: A = -exp(log 1) (the official A_log init),
+    delta_bias the inverse softplus of dt log-uniform in [1e-3, 0.1]; u, delta, B in bfloat16 as under AMP."""
     batch, channels, length, device = run.batch_size, run.channels, run.side * run.side, run.device
     u = torch.randn(batch, channels, length, device=device, dtype=torch.bfloat16)
     delta = (0.5 * torch.randn(batch, channels, length, device=device)).to(torch.bfloat16)
@@ -381,17 +387,18 @@ def bench_scan(run: Run):
 
     expected = {}
     try:
-        reference, _ = backend_impl("selective_scan", "reference", inputs[0])
-        leaves = _leaves(inputs)
+        # The reference backend in float64: every backend, the float32 reference included, is checked against it.
+        reference, _ = backend_impl("selective_scan", "reference", *inputs)
+        leaves = _leaves(t.double() for t in inputs)
         hs = reference(*leaves, True)
-        expected["backward"] = torch.autograd.grad(hs, leaves, dhs)
+        expected["backward"] = torch.autograd.grad(hs, leaves, dhs.double())
         expected["forward"] = [hs.detach()]
         del hs, leaves
     except Exception as error:
         run.failed("scan (reference outputs for the checks)", error)
 
     for name in backend.BACKENDS:
-        impl, why = backend_impl("selective_scan", name, inputs[0])
+        impl, why = backend_impl("selective_scan", name, *inputs)
         for direction in ("forward", "backward"):
             entry: Dict[str, object] = {"available": impl is not None}
             if impl is None:
@@ -401,6 +408,9 @@ def bench_scan(run: Run):
             else:
                 try:
                     entry.update(_time_scan(run, impl, inputs, dhs, direction, expected.get(direction)))
+                    entry.update(judge_difference(entry["max_rel_diff_vs_reference"], _check_dtype(direction)))
+                    if entry["check_pass"] is False:
+                        run.failed(f"scan {direction} ({name})", _difference_error(entry))
                     fraction = entry["fraction_of_peak_bandwidth"]
                     run.log(
                         f"scan {direction:<8} {name:<9} {entry['ms']:9.3f} ms  {entry['gb_per_s']:8.1f} GB/s  "
@@ -411,6 +421,16 @@ def bench_scan(run: Run):
                 run.free_memory()
             sections[direction]["backends"][name] = entry
         run.save()
+
+
+def _check_dtype(direction: str) -> str:
+    # hs is float32; the backward returns du, ddelta and dB in the inputs' bfloat16.
+    return "float32" if direction == "forward" else "bfloat16"
+
+
+def _difference_error(entry: Dict[str, object]) -> ValueError:
+    diff = entry.get("max_rel_diff_vs_reference", entry.get("max_rel_diff_vs_baseline"))
+    return ValueError(f"result differs by {diff!r} of its maximum, above the threshold {entry['check_threshold']!r}")
 
 
 def _leaves(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
@@ -445,7 +465,7 @@ def _time_scan(run: Run, impl, inputs, dhs, direction: str, expected: Sequence |
 # --- the state fusion --------------------------------------------------------------------------------------------
 
 
-def cudnn_state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, merged: bool) -> torch.Tensor:
+def native_state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, merged: bool) -> torch.Tensor:
     """The baseline (``FUSION_BASELINE_DEFINITION``): replicate padding and a depthwise F.conv2d per branch."""
     if merged:
         branches = [(merge_state_fusion_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha), 1)]
@@ -461,7 +481,7 @@ def cudnn_state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, merged: bool)
 
 def bench_fusion(run: Run):
     shape = {"batch": run.batch_size, "channels": run.channels, "height": run.side, "width": run.side}
-    # float32 states, as the scan returns them and the model fuses them, without autocast.
+    # float32 states, as the scan returns them and the model fuses them (paper Eq. 4), without autocast.
     h = torch.randn(run.batch_size, run.channels, run.side, run.side, device=run.device)
     params = [0.1 * torch.randn(run.channels, 1, 3, 3, device=run.device) for _ in range(3)]
     params.append(torch.rand(3, device=run.device) + 0.5)
@@ -478,13 +498,14 @@ def bench_fusion(run: Run):
             **{path: {"description": text, "baseline": None, "backends": {}} for path, text in paths.items()},
         }
 
+    fused: Dict[str, Dict[str, object]] = {}
     for path in paths:
         merged = path == "eval"
         expected = {}
         for direction in ("forward", "backward"):
             section = run.results[f"fusion_{direction}"][path]
             try:
-                fn = _fusion_step(cudnn_state_fusion, h, params, dy, merged, direction)
+                fn = _fusion_step(native_state_fusion, h, params, dy, merged, direction)
                 expected[direction] = fn()
                 section["baseline"] = time_ms(fn, run.kernel_warmup, run.kernel_iters, run.device)
                 run.log(f"fusion {direction:<8} {path:<5} baseline  {section['baseline']['ms']:9.3f} ms")
@@ -493,7 +514,7 @@ def bench_fusion(run: Run):
             run.free_memory()
 
         for name in backend.BACKENDS:
-            impl, why = backend_impl("dwconv2d", name, h)
+            impl, why = backend_impl("dwconv2d", name, h, params[0])
             for direction in ("forward", "backward"):
                 section = run.results[f"fusion_{direction}"][path]
                 entry: Dict[str, object] = {"available": impl is not None}
@@ -510,6 +531,9 @@ def bench_fusion(run: Run):
                         entry.update(timing)
                         if direction in expected:
                             entry["max_rel_diff_vs_baseline"] = relative_max_diff(check, expected[direction])
+                            entry.update(judge_difference(entry["max_rel_diff_vs_baseline"], "float32"))
+                            if entry["check_pass"] is False:
+                                run.failed(f"fusion {direction} {path} ({name})", _difference_error(entry))
                         baseline_ms = (section["baseline"] or {}).get("ms")
                         entry["speedup_vs_baseline"] = None if baseline_ms is None else baseline_ms / timing["ms"]
                         speedup = entry["speedup_vs_baseline"]
@@ -522,6 +546,49 @@ def bench_fusion(run: Run):
                     run.free_memory()
                 section["backends"][name] = entry
             run.save()
+
+        for direction in ("forward", "backward"):
+            section = run.results[f"fusion_{direction}"][path]
+            section["fused"] = fused.get(direction) if fused.get(direction) else {}
+            if fused.get(direction):
+                continue  # the same op serves both paths: measured once
+            for name in backend.BACKENDS:
+                section["fused"][name] = _time_fused(run, name, h, params, dy, direction, expected, section)
+            fused[direction] = section["fused"]
+            run.save()
+
+
+def _time_fused(run: Run, name: str, h, params, dy, direction: str, expected, section) -> Dict[str, object]:
+    """Times the one-pass state_fusion op on backend ``name`` against the same baseline as the other rows."""
+    impl, why = backend_impl("state_fusion", name, h, fusion_taps(*params))
+    entry: Dict[str, object] = {"available": impl is not None}
+    if impl is None:
+        entry["reason"] = why
+        return entry
+    if run.over_budget():
+        entry.update(run.skipped())
+        return entry
+    try:
+
+        def fusion(h, *params, merged):
+            return impl(h, fusion_taps(*params))
+
+        fn = _fusion_step(fusion, h, params, dy, False, direction)
+        check = fn()
+        timing = time_ms(fn, run.kernel_warmup, run.kernel_iters, run.device)
+        entry.update(timing)
+        if direction in expected:
+            entry["max_rel_diff_vs_baseline"] = relative_max_diff(check, expected[direction])
+            entry.update(judge_difference(entry["max_rel_diff_vs_baseline"], "float32"))
+            if entry["check_pass"] is False:
+                run.failed(f"fusion {direction} fused ({name})", _difference_error(entry))
+        baseline_ms = (section["baseline"] or {}).get("ms")
+        entry["speedup_vs_baseline"] = None if baseline_ms is None else baseline_ms / timing["ms"]
+        run.log(f"fusion {direction:<8} fused {name:<9} {timing['ms']:9.3f} ms")
+    except Exception as error:
+        entry.update(run.failed(f"fusion {direction} fused ({name})", error))
+    run.free_memory()
+    return entry
 
 
 def official_path_state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, merged: bool) -> torch.Tensor:
@@ -809,6 +876,11 @@ def print_table(results: Dict[str, object]):
                         continue
                     speedup = _fmt(entry["speedup_vs_baseline"], ".2f")
                     print(f"{path:<6} {direction:<9} {name:<10} {entry['ms']:9.3f} {baseline_ms:>9} {speedup:>7}x")
+                for name, entry in section.get("fused", {}).items():
+                    if "ms" in entry:
+                        speedup = _fmt(entry["speedup_vs_baseline"], ".2f")
+                        label = f"fused/{name}"
+                        print(f"{path:<6} {direction:<9} {label:<10} {entry['ms']:9.3f} {baseline_ms:>9} {speedup:>7}x")
     if results.get("models"):
         settings = results["model_settings"]
         print(f"\nmodels, batch {settings['batch_size']}, {settings['img_size']}x{settings['img_size']}, AMP bf16")

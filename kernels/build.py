@@ -41,6 +41,10 @@ EXTENSIONS: Dict[str, List[str]] = {
         "kernels/dwconv2d/dwconv2d_fwd.cu",
         "kernels/dwconv2d/dwconv2d_wgrad.cu",
     ],
+    "spatial_mamba._state_fusion_cuda": [
+        "kernels/state_fusion/state_fusion.cpp",
+        "kernels/state_fusion/state_fusion_kernels.cu",
+    ],
 }
 
 # torch >= 2.6 headers need C++20 (the .cpp bindings include them; the .cu kernels do not).

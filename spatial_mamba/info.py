@@ -1,4 +1,4 @@
-"""``python -m spatial_mamba.info``: which backend each op runs on here, and why."""
+"""``python -m spatial_mamba.info``: which backend each op runs on here, and why, as the dispatcher decides it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import torch
 from .ops import backend
 
 
+def _probe(device: str):
+    """One float32 input on ``device``: what a model call with typical inputs asks the dispatcher."""
+    return torch.empty(0, device=device)
+
+
 def report() -> str:
     lines = [
         f"spatial_mamba: python {sys.version.split()[0]}, torch {torch.__version__}, "
@@ -17,7 +22,6 @@ def report() -> str:
         + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
         f"{backend.ENV_VAR}={os.environ.get(backend.ENV_VAR, '') or '(unset: automatic choice)'}",
     ]
-    forced = backend.forced_backend()
     for op, backends in backend.describe().items():
         lines.append(f"{op}:")
         for name, status in backends.items():
@@ -26,16 +30,9 @@ def report() -> str:
             if device == "cuda" and not torch.cuda.is_available():
                 lines.append("  -> on CUDA tensors: no GPU here")
                 continue
-            probe = torch.empty(0, device=device)
             try:
-                chosen = backend.choose(op, probe)[0]
-                if forced:
-                    why = f"forced by {backend.ENV_VAR}"
-                elif device == "cpu":
-                    why = "CPU tensors use the reference unless a backend is forced"
-                else:
-                    why = "first available in the order cuda, triton, reference"
-                lines.append(f"  -> on {device.upper()} tensors: {chosen} ({why})")
+                choice = backend.explain(op, _probe(device))
+                lines.append(f"  -> on {device.upper()} tensors: {choice.summary()}")
             except RuntimeError as err:
                 lines.append(f"  -> on {device.upper()} tensors: error: {err}")
     return "\n".join(lines)

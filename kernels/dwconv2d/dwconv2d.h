@@ -1,5 +1,5 @@
-// Depthwise 2-D cross-correlation with replicate padding (SPEC §1.6, §3b): the interface between the torch binding
-// (dwconv2d.cpp) and the kernels (dwconv2d_fwd.cu, dwconv2d_wgrad.cu).
+// Depthwise 2-D cross-correlation with replicate padding (paper Eq. 4; the official kernels/dwconv2d/): the
+// interface between the torch binding (dwconv2d.cpp) and the kernels (dwconv2d_fwd.cu, dwconv2d_wgrad.cu).
 //
 // For every plane (b, c) of x (batch, channels, H, W), odd kernel size K, dilation D and r = K / 2:
 //   y[i, j] = Σ_{p, q} w[c, p, q] x[clamp(i + D (p - r), 0, H - 1), clamp(j + D (q - r), 0, W - 1)]

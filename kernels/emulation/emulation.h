@@ -134,6 +134,8 @@ void launch(Kernel kernel, dim3 grid, dim3 block_dim, int64_t shared_bytes, cuda
 #define blockDim (::emu::context.block_dim)
 #define gridDim (::emu::context.grid_dim)
 
+inline float __fdividef(float a, float b) { return a / b; }
+
 inline void __syncthreads() { emu::context.block->sync->arrive_and_wait(); }
 inline float __shfl_sync(unsigned, float v, int source) { return emu::exchange(v, source); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) { return emu::exchange(v, (threadIdx.x % 32) ^ mask); }

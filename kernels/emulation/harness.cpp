@@ -1,6 +1,7 @@
 // C entry points into the kernels' launchers for the CPU emulation build (see emulation.h), called via ctypes.
 #include "dwconv2d/dwconv2d.h"
 #include "selective_scan/selective_scan.h"
+#include "state_fusion/state_fusion.h"
 
 using namespace spatial_mamba;
 
@@ -13,6 +14,14 @@ DwconvShape dwconv_shape(int64_t batch, int64_t channels, int64_t height, int64_
   s.width = width;
   s.kernel_size = k;
   s.dilation = dilation;
+  return s;
+}
+FusionShape fusion_shape(int64_t batch, int64_t channels, int64_t height, int64_t width) {
+  FusionShape s;
+  s.batch = batch;
+  s.channels = channels;
+  s.height = height;
+  s.width = width;
   return s;
 }
 }  // namespace
@@ -84,5 +93,34 @@ int emu_dwconv2d_wgrad(int kind, const void* x, const void* dy, float* dw_partia
   p.dy = dy;
   p.dw_partial = dw_partial;
   return launch_dwconv2d_wgrad(p, nullptr);
+}
+
+int64_t emu_fusion_tiles(int64_t batch, int64_t channels, int64_t height, int64_t width) {
+  return fusion_tiles(fusion_shape(batch, channels, height, width));
+}
+
+int emu_state_fusion_fwd(int kind, const void* h, const float* taps, void* out, int64_t batch, int64_t channels,
+                         int64_t height, int64_t width) {
+  FusionFwdParams p;
+  p.shape = fusion_shape(batch, channels, height, width);
+  p.kind = static_cast<ScalarKind>(kind);
+  p.h = h;
+  p.taps = taps;
+  p.out = out;
+  return launch_state_fusion_fwd(p, nullptr);
+}
+
+// dh or dtaps_partial may be null: that gradient is not computed.
+int emu_state_fusion_bwd(int kind, const void* h, const float* taps, const void* dy, void* dh, float* dtaps_partial,
+                         int64_t batch, int64_t channels, int64_t height, int64_t width) {
+  FusionBwdParams p;
+  p.shape = fusion_shape(batch, channels, height, width);
+  p.kind = static_cast<ScalarKind>(kind);
+  p.h = h;
+  p.taps = taps;
+  p.dy = dy;
+  p.dh = dh;
+  p.dtaps_partial = dtaps_partial;
+  return launch_state_fusion_bwd(p, nullptr);
 }
 }

@@ -60,6 +60,8 @@ Inputs check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tens
               "selective_scan (cuda): delta and B must have u's dtype ", u.scalar_type(), "; got ",
               delta.scalar_type(), " and ", B.scalar_type());
   const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2);
+  TORCH_CHECK(length <= kScanMaxLength, "selective_scan (cuda): rows of more than ", kScanMaxLength,
+              " positions are not supported; got length ", length, " (the reference backend has no limit)");
   TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "selective_scan (cuda): A must be (dim=", dim,
               ", d_state); got shape ", A.sizes());
   TORCH_CHECK(A.size(1) == 1, "selective_scan (cuda): the CUDA kernels support d_state N = 1 only; got A of shape ",

@@ -1,5 +1,6 @@
-// Hidden-state selective scan for d_state N = 1 (SPEC §1.5 step 7, §3a): the interface between the torch binding
-// (selective_scan.cpp) and the kernels (selective_scan_fwd.cu, selective_scan_bwd.cu).
+// Hidden-state selective scan for d_state N = 1 (paper Eq. 2-3; the official
+// kernels/selective_scan/): the interface between the torch binding (selective_scan.cpp) and the kernels
+// (selective_scan_fwd.cu, selective_scan_bwd.cu).
 //
 // For each row (b, d) of length L:  Δ_t = softplus(delta_t + bias_d) (or delta_t + bias_d),
 //   x_t = exp(Δ_t A_d) x_{t-1} + Δ_t B_{b,t} u_t,  x_{-1} = 0,  and hs_t = x_t.
@@ -12,6 +13,10 @@
 #include "common/scalar_kind.h"
 
 namespace spatial_mamba {
+
+// Longest row the kernels take: positions inside a row are 32-bit (cheaper than 64-bit index math on every item),
+// with room for one step past the end; the row's start is a 64-bit offset, so batch * dim * length may exceed 2**31.
+constexpr int64_t kScanMaxLength = (int64_t{1} << 31) - 4096;
 
 struct ScanShape {
   int64_t batch = 0;

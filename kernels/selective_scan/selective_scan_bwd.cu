@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) selective_scan_bwd_kernel(Scan
 
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  const int64_t length = p.shape.length;
+  const int length = static_cast<int>(p.shape.length);  // at most kScanMaxLength (checked at launch)
   const int64_t groups = (p.shape.dim + kBwdWarps - 1) / kBwdWarps;
   const int64_t b = blockIdx.x / groups;
   const int64_t group = blockIdx.x % groups;
@@ -48,10 +48,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32) selective_scan_bwd_kernel(Scan
   float carry = 0.f;  // h entering the current step from its right; zero past the end of the row
   float dA_sum = 0.f;
   float dbias_sum = 0.f;
-  const int64_t steps = (length + kStep - 1) / kStep;
-  for (int64_t s = steps - 1; s >= 0; --s) {
-    const int64_t base = s * kStep;
-    const int64_t start = base + lane * kItems;
+  const int steps = (length + kStep - 1) / kStep;
+  for (int s = steps - 1; s >= 0; --s) {
+    const int base = s * kStep;
+    const int start = base + lane * kItems;
     float dB_v[kItems];
     if (active) {
       float u_v[kItems], delta_v[kItems], B_v[kItems], x_v[kItems], dhs_v[kItems];

@@ -19,7 +19,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32) selective_scan_fwd_kernel(Scan
   const int64_t rows = p.shape.batch * p.shape.dim;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kFwdWarps + (threadIdx.x >> 5);
   if (row >= rows) return;  // uniform across the warp; the kernel has no block-wide barrier
-  const int64_t length = p.shape.length;
+  const int length = static_cast<int>(p.shape.length);  // at most kScanMaxLength (checked at launch)
   const int64_t b = row / p.shape.dim;
   const int64_t d = row % p.shape.dim;
 
@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32) selective_scan_fwd_kernel(Scan
 
   constexpr int kStep = 32 * kItems;
   float carry = 0.f;
-  for (int64_t base = 0; base < length; base += kStep) {
-    const int64_t start = base + lane * kItems;
+  for (int base = 0; base < length; base += kStep) {
+    const int start = base + lane * kItems;
     float u_v[kItems], delta_v[kItems], B_v[kItems];
     load_items<T, kItems, kVec>(u, start, length, u_v);
     load_items<T, kItems, kVec>(delta, start, length, delta_v);

@@ -23,4 +23,5 @@ from . import (
     _cuda,  # noqa: F401  registers the compiled kernels when they were built
     triton_dwconv2d,  # noqa: F401  registers the Triton kernels when Triton imports
     triton_scan,  # noqa: F401  registers the Triton kernels when Triton imports
+    triton_state_fusion,  # noqa: F401  registers the Triton kernels when Triton imports
 )

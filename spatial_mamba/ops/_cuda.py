@@ -1,32 +1,78 @@
 """The compiled CUDA kernels (``kernels/``) as PyTorch custom ops and as the ``cuda`` backend of each op.
 
-The extensions ``spatial_mamba._selective_scan_cuda`` and ``spatial_mamba._dwconv2d_cuda`` exist only after
+The extensions ``spatial_mamba._selective_scan_cuda``, ``._dwconv2d_cuda`` and ``._state_fusion_cuda`` exist only after
 ``SPATIAL_MAMBA_BUILD_CUDA=1 python setup.py build_ext --inplace``. Without them this module still imports: the
 ``cuda`` backends are registered as unavailable, with the build command as the reason.
 
 Custom ops (namespace ``spatial_mamba``, so that torch.compile and torch.export see them whole):
-``selective_scan_cuda_fwd``/``_bwd``, ``dwconv2d_cuda_fwd``, ``dwconv2d_cuda_dgrad`` and ``dwconv2d_cuda_wgrad``,
-with fake (meta) implementations and autograd formulas.
+``selective_scan_cuda_fwd``/``_bwd``, ``dwconv2d_cuda_fwd``, ``dwconv2d_cuda_dgrad``, ``dwconv2d_cuda_wgrad`` and
+``state_fusion_cuda_fwd``/``_bwd``, with fake (meta) implementations and autograd formulas.
 
 Coverage: the selective scan kernels handle d_state N = 1 (all Spatial-Mamba models); the depthwise convolution
-handles odd kernel sizes 3 to 11 with any dilation. Other cases raise a ValueError that points to the reference
-backend; ``available()`` reports only whether the extension was built, since it does not see the shapes.
+handles odd kernel sizes 3 to 11 with any dilation; the state fusion takes (C, 25) float32 taps; all take float32,
+float16 and bfloat16 inputs. ``available()`` reports whether the extension was built; ``supports_*`` tell the
+dispatcher which inputs the kernels cannot take, so that it hands those to the next backend. Called directly, the
+implementations raise a ValueError for such inputs.
 """
 
 # No `from __future__ import annotations`: torch.library.custom_op reads the annotations to build each op's schema.
 import importlib
 import warnings
 from types import ModuleType
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from . import backend
 
-__all__ = ["DWCONV_KERNEL_SIZES", "dwconv2d_cuda", "selective_scan_cuda"]
+__all__ = [
+    "DWCONV_KERNEL_SIZES",
+    "KERNEL_DTYPES",
+    "dwconv2d_cuda",
+    "selective_scan_cuda",
+    "state_fusion_cuda",
+    "supports_dwconv2d",
+    "supports_selective_scan",
+    "supports_state_fusion",
+]
 
 BUILD_COMMAND = "SPATIAL_MAMBA_BUILD_CUDA=1 python setup.py build_ext --inplace"
 DWCONV_KERNEL_SIZES = (3, 5, 7, 9, 11)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_reasons(*tensors) -> List[str]:
+    return [
+        f"{str(t.dtype).replace('torch.', '')} inputs (the kernels take float32, float16 and bfloat16)"
+        for t in tensors[:1]
+        if isinstance(t, torch.Tensor) and t.dtype not in KERNEL_DTYPES
+    ]
+
+
+def supports_selective_scan(u=None, delta=None, A=None, B=None, delta_bias=None, *rest) -> List[str]:
+    """Why the scan kernels (CUDA and Triton) cannot take these inputs: d_state N > 1, or a dtype they lack."""
+    reasons = _dtype_reasons(u)
+    if isinstance(A, torch.Tensor) and (A.dim() != 2 or A.shape[1] != 1):
+        reasons.append(f"d_state N = {A.shape[-1]} (the kernels handle N = 1 only)")
+    return reasons
+
+
+def supports_state_fusion(h=None, taps=None, *rest) -> List[str]:
+    """Why the fusion kernels (CUDA and Triton) cannot take these inputs: a dtype they lack, or a huge plane."""
+    reasons = _dtype_reasons(h)
+    if isinstance(h, torch.Tensor) and h.dim() == 4 and h.shape[-2] * h.shape[-1] >= 2**31:
+        reasons.append(f"a {h.shape[-2]}x{h.shape[-1]} plane (the kernels index planes below 2**31 pixels)")
+    if isinstance(taps, torch.Tensor) and taps.dtype != torch.float32:
+        reasons.append(f"{str(taps.dtype).replace('torch.', '')} taps (the kernels take float32 taps)")
+    return reasons
+
+
+def supports_dwconv2d(x=None, weight=None, *rest) -> List[str]:
+    """Why the CUDA convolution cannot take these inputs: a kernel size without a kernel, or a dtype it lacks."""
+    reasons = _dtype_reasons(x)
+    if isinstance(weight, torch.Tensor) and weight.shape[-1] not in DWCONV_KERNEL_SIZES:
+        reasons.append(f"kernel size {weight.shape[-1]} (the kernels handle {DWCONV_KERNEL_SIZES})")
+    return reasons
 
 
 def _import_extension(name: str) -> Tuple[Optional[ModuleType], str]:
@@ -47,6 +93,7 @@ def _import_extension(name: str) -> Tuple[Optional[ModuleType], str]:
 
 _scan_ext, _scan_why = _import_extension("_selective_scan_cuda")
 _dwconv_ext, _dwconv_why = _import_extension("_dwconv2d_cuda")
+_fusion_ext, _fusion_why = _import_extension("_state_fusion_cuda")
 
 
 def _availability(extension: Optional[ModuleType], why: str) -> Callable[[], Tuple[bool, str]]:
@@ -150,6 +197,52 @@ def _register_dwconv2d_ops(ext: ModuleType):
     dwconv2d_cuda_fwd.register_autograd(backward, setup_context=setup_context)
 
 
+def _register_state_fusion_ops(ext: ModuleType):
+    @torch.library.custom_op("spatial_mamba::state_fusion_cuda_fwd", mutates_args=())
+    def state_fusion_cuda_fwd(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+        return ext.fwd(h, taps)
+
+    @state_fusion_cuda_fwd.register_fake
+    def _(h, taps):
+        return torch.empty_like(h)
+
+    @torch.library.custom_op("spatial_mamba::state_fusion_cuda_bwd", mutates_args=())
+    def state_fusion_cuda_bwd(
+        h: torch.Tensor, taps: torch.Tensor, dy: torch.Tensor, need_dh: bool, need_dtaps: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        dh, dtaps = ext.bwd(h, taps, dy, need_dh, need_dtaps)
+        return dh, dtaps
+
+    @state_fusion_cuda_bwd.register_fake
+    def _(h, taps, dy, need_dh, need_dtaps):
+        dh = torch.empty_like(h) if need_dh else h.new_empty((0,))
+        return dh, taps.new_empty(taps.shape if need_dtaps else (0,))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, dy):
+        h, taps = ctx.saved_tensors
+        need_dh, need_dtaps = ctx.needs_input_grad[:2]
+        dh, dtaps = state_fusion_cuda_bwd(h, taps, dy.to(h.dtype).contiguous(), need_dh, need_dtaps)
+        return dh if need_dh else None, dtaps if need_dtaps else None
+
+    state_fusion_cuda_fwd.register_autograd(backward, setup_context=setup_context)
+
+
+def state_fusion_cuda(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """The 25-tap state fusion on the CUDA kernels (backend implementation signature of the ``state_fusion`` op)."""
+    if h.dim() != 4 or taps.shape != (h.shape[1], 25):
+        raise ValueError(
+            f"state_fusion: h must be (batch, channels, height, width) and taps (channels, 25); got "
+            f"{tuple(h.shape)} and {tuple(taps.shape)}"
+        )
+    reasons = supports_state_fusion(h, taps)
+    if reasons:
+        raise ValueError(f"state_fusion: the cuda kernels cannot take {'; '.join(reasons)}")
+    return torch.ops.spatial_mamba.state_fusion_cuda_fwd(h.contiguous(), taps.contiguous())
+
+
 def selective_scan_cuda(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -185,5 +278,20 @@ if _scan_ext is not None:
     _register_selective_scan_ops(_scan_ext)
 if _dwconv_ext is not None:
     _register_dwconv2d_ops(_dwconv_ext)
-backend.register("selective_scan", "cuda", selective_scan_cuda, _availability(_scan_ext, _scan_why))
-backend.register("dwconv2d", "cuda", dwconv2d_cuda, _availability(_dwconv_ext, _dwconv_why))
+if _fusion_ext is not None:
+    _register_state_fusion_ops(_fusion_ext)
+backend.register(
+    "selective_scan",
+    "cuda",
+    selective_scan_cuda,
+    _availability(_scan_ext, _scan_why),
+    supports=supports_selective_scan,
+)
+backend.register("dwconv2d", "cuda", dwconv2d_cuda, _availability(_dwconv_ext, _dwconv_why), supports=supports_dwconv2d)
+backend.register(
+    "state_fusion",
+    "cuda",
+    state_fusion_cuda,
+    _availability(_fusion_ext, _fusion_why),
+    supports=supports_state_fusion,
+)

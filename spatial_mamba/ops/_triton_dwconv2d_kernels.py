@@ -1,4 +1,5 @@
-"""Triton kernels of the depthwise 2-D convolution of the state fusion (SPEC §1.6, §3b).
+"""Triton kernels of the depthwise 2-D convolution of the state fusion (paper Eq. 4; the official
+``kernels/dwconv2d/``).
 
 Imported by ``triton_dwconv2d.py`` on first use, so that importing spatial_mamba does not need Triton.
 

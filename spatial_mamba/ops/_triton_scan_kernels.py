@@ -1,4 +1,5 @@
-"""Triton kernels of the hidden-state selective scan for d_state N = 1 (SPEC §1.5 step 7, §3a).
+"""Triton kernels of the hidden-state selective scan for d_state N = 1 (paper Eq. 2-3; the official
+``kernels/selective_scan/``).
 
 Imported by ``triton_scan.py`` on first use, so that importing spatial_mamba does not need Triton.
 
@@ -19,7 +20,7 @@ def _affine_combine(decay_first, value_first, decay_second, value_second):
 
 @triton.jit
 def _softplus(v):
-    # SPEC §1.5 step 7: log1p(exp(v)) for v <= 20, v otherwise. Triton has no log1p: log(w) * e / (w - 1) with
+    # The official softplus: log1p(exp(v)) for v <= 20, v otherwise. Triton has no log1p: log(w) * e / (w - 1) with
     # w = 1 + e is accurate to rounding for small e too (Goldberg's trick), and log1p(e) = e where w rounds to 1.
     e = tl.exp(tl.minimum(v, 20.0))
     w = 1.0 + e

@@ -1,130 +1,258 @@
 """Backend choice for the custom ops.
 
-Every op (``selective_scan``, ``dwconv2d``) has up to three implementations, tried in this order:
+Every op (``selective_scan``, ``dwconv2d``, ``state_fusion``) has up to three implementations, tried in this order:
 
 1. ``cuda``: the compiled extension from ``kernels/`` (``SPATIAL_MAMBA_BUILD_CUDA=1``), for CUDA tensors;
 2. ``triton``: Triton kernels, for CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1`` when forced);
-3. ``reference``: pure PyTorch, the CPU path and the ground truth of the tests.
+3. ``reference``: pure PyTorch, the CPU path.
 
-``SPATIAL_MAMBA_BACKEND=cuda|triton|reference`` forces one backend for every op; a forced backend that cannot run
-raises an error that says why. The backend each op runs on is logged once per process, and falling back to the
-reference on a GPU is a warning, never silent.
+A backend can decline by *what the inputs need*, not only by being absent: each registration may pass
+``supports(*tensors) -> reasons``, the list of reasons it cannot take these inputs (empty: it can; for example
+"d_state N = 2 > 1" or "float64 inputs"). The dispatcher walks cuda -> triton -> reference and takes the first backend
+that is available and supports the inputs; on a GPU, reaching the reference is a warning that lists every reason.
+CPU tensors run on the reference unless a backend is forced.
+
+Forcing a backend, for tests and benchmarks: ``with backend.force("triton"): ...`` (optionally for one op), or the
+environment variable ``SPATIAL_MAMBA_BACKEND=cuda|triton|reference`` for a whole process; the context manager wins.
+A forced backend that cannot run raises an error that says why. The backend each op runs on is logged once per
+process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["BACKENDS", "register", "choose", "select", "describe", "forced_backend"]
+__all__ = [
+    "BACKENDS",
+    "Choice",
+    "choose",
+    "describe",
+    "explain",
+    "force",
+    "forced_backend",
+    "implementation",
+    "is_available",
+    "register",
+    "registered",
+    "select",
+]
 
 BACKENDS = ("cuda", "triton", "reference")
 ENV_VAR = "SPATIAL_MAMBA_BACKEND"
 
 logger = logging.getLogger("spatial_mamba")
 
+Supports = Callable[..., Sequence[str]]
+
+
+def _always() -> Tuple[bool, str]:
+    return True, "always available"
+
+
+def _no_limits(*tensors) -> Sequence[str]:
+    return ()
+
 
 @dataclass
 class _Impl:
     fn: Callable
     # Returns (available, reason); ``reason`` explains a missing backend (e.g. "extension not built").
-    available: Callable[[], Tuple[bool, str]]
+    available: Callable[[], Tuple[bool, str]] = _always
+    # Returns the reasons this backend cannot take the given inputs (empty when it can).
+    supports: Supports = _no_limits
+
+
+@dataclass
+class Choice:
+    """What the dispatcher decided for one call: the backend, its function, why, and why not the others."""
+
+    op: str
+    backend: str
+    fn: Callable
+    why: str
+    # Backends tried before the chosen one, each with the reasons it was passed over.
+    passed_over: Dict[str, List[str]] = field(default_factory=dict)
+    forced_by: str | None = None
+
+    def summary(self) -> str:
+        skipped = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in self.passed_over.items())
+        return f"{self.backend} ({self.why}" + (f"; not {skipped}" if skipped else "") + ")"
 
 
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {}
 _ANNOUNCED: set = set()
+# (backend, op or None for every op) set by ``force``; innermost wins.
+_FORCED: contextvars.ContextVar[Tuple[Tuple[str, str | None], ...]] = contextvars.ContextVar(
+    "spatial_mamba_forced_backend", default=()
+)
 
 
-def register(op: str, backend: str, fn: Callable, available: Callable[[], Tuple[bool, str]] | None = None):
-    """Registers ``fn`` as ``backend``'s implementation of ``op``."""
+def register(
+    op: str,
+    backend: str,
+    fn: Callable,
+    available: Callable[[], Tuple[bool, str]] | None = None,
+    *,
+    supports: Supports | None = None,
+):
+    """Registers ``fn`` as ``backend``'s implementation of ``op``.
+
+    available: () -> (bool, reason), whether the backend can run at all here (Triton installed, extension built).
+    supports: (*tensors) -> reasons, why it cannot take these inputs (empty when it can). It receives the tensors the
+    op passes to ``select``/``choose`` (None for absent optional ones).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, available or (lambda: (True, "always available")))
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, available or _always, supports or _no_limits)
 
 
-def forced_backend() -> str | None:
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    if not value:
-        return None
+def registered(op: str) -> Tuple[str, ...]:
+    """The backends with an implementation of ``op``, in dispatch order."""
+    return tuple(name for name in BACKENDS if name in _REGISTRY.get(op, {}))
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function registered as ``backend``'s implementation of ``op`` (whether or not it can run here)."""
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        raise KeyError(f"no {backend!r} implementation of {op!r}; registered: {registered(op)}")
+    return impl.fn
+
+
+def is_available(op: str, backend: str) -> Tuple[bool, str]:
+    """(available, reason) of ``backend`` for ``op`` on this machine, before looking at any input."""
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return False, f"no {backend} implementation of {op} is registered"
+    return impl.available()
+
+
+def _check_name(name: str, source: str) -> str:
+    value = name.strip().lower()
     if value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}, got {value!r}")
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
     return value
+
+
+@contextlib.contextmanager
+def force(backend: str, op: str | None = None) -> Iterator[None]:
+    """Runs ``op`` (every op if None) on ``backend`` inside the block; it raises if that backend cannot run.
+
+    Overrides ``SPATIAL_MAMBA_BACKEND``. Nested blocks stack, the innermost wins; the setting is per thread and per
+    asyncio task (a context variable).
+    """
+    backend = _check_name(backend, "force(backend)")
+    token = _FORCED.set(_FORCED.get() + ((backend, op),))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced_backend(op: str | None = None) -> str | None:
+    """The backend forced for ``op`` (by ``force`` or ``SPATIAL_MAMBA_BACKEND``), or None."""
+    return _forced(op)[0]
+
+
+def _forced(op: str | None) -> Tuple[str | None, str | None]:
+    for backend, only in reversed(_FORCED.get()):
+        if only is None or only == op:
+            return backend, f"backend.force({backend!r})"
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return None, None
+    value = _check_name(value, ENV_VAR)
+    return value, f"{ENV_VAR}={value}"
 
 
 def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check(op: str, backend: str, on_cuda: bool) -> Tuple[bool, str]:
+def _on_cuda(tensors: Sequence) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+
+
+def _reasons(op: str, backend: str, tensors: Sequence, on_cuda: bool) -> List[str]:
+    """Why ``backend`` cannot run ``op`` on ``tensors`` (empty when it can)."""
     impl = _REGISTRY.get(op, {}).get(backend)
     if impl is None:
-        return False, f"no {backend} implementation of {op} is registered"
+        return [f"no {backend} implementation of {op} is registered"]
     ok, reason = impl.available()
     if not ok:
-        return False, reason
+        return [reason]
     if backend == "cuda" and not on_cuda:
-        return False, "the tensors are not on a CUDA device"
+        return ["the tensors are not on a CUDA device"]
     if backend == "triton" and not on_cuda and not _triton_interpret():
-        return False, "the tensors are on the CPU and TRITON_INTERPRET=1 is not set"
-    return True, reason
+        return ["the tensors are on the CPU and TRITON_INTERPRET=1 is not set"]
+    return list(impl.supports(*tensors))
 
 
-def _announce(op: str, backend: str, why: str, warn: bool = False):
-    if (op, backend) in _ANNOUNCED:
+def _announce(choice: Choice, warn: bool = False):
+    if (choice.op, choice.backend) in _ANNOUNCED:
         return
-    _ANNOUNCED.add((op, backend))
-    message = f"spatial_mamba: {op} runs on the {backend} backend ({why})"
+    _ANNOUNCED.add((choice.op, choice.backend))
+    message = f"spatial_mamba: {choice.op} runs on the {choice.summary()}"
     if warn:
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
     logger.info(message)
 
 
-def choose(op: str, *tensors: torch.Tensor) -> Tuple[str, Callable]:
-    """Returns ``(backend name, implementation)`` of ``op`` for ``tensors``."""
+def explain(op: str, *tensors) -> Choice:
+    """The dispatcher's decision for ``op`` on ``tensors``, with the reasons; raises if a forced backend can't run.
+
+    ``tensors`` are the op's inputs as its public function passes them (None for absent optional ones).
+    """
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}")
-    on_cuda = any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
-    forced = forced_backend()
+    on_cuda = _on_cuda(tensors)
+    forced, forced_by = _forced(op)
     if forced is not None:
-        ok, reason = _check(op, forced, on_cuda)
-        if not ok:
-            raise RuntimeError(f"{ENV_VAR}={forced} was asked for, but {op} cannot run on it: {reason}")
-        _announce(op, forced, f"forced by {ENV_VAR}")
-        return forced, _REGISTRY[op][forced].fn
-    if not on_cuda:
-        _announce(op, "reference", "CPU tensors")
-        return "reference", _REGISTRY[op]["reference"].fn
-    reasons = []
-    for name in ("cuda", "triton"):
-        ok, reason = _check(op, name, on_cuda)
-        if ok:
-            _announce(op, name, reason)
-            return name, _REGISTRY[op][name].fn
-        reasons.append(f"{name}: {reason}")
-    _announce(op, "reference", "slow path on a GPU; " + "; ".join(reasons), warn=True)
-    return "reference", _REGISTRY[op]["reference"].fn
+        reasons = _reasons(op, forced, tensors, on_cuda)
+        if reasons:
+            raise RuntimeError(f"{forced_by} was asked for, but {op} cannot run on it: {'; '.join(reasons)}")
+        return Choice(op, forced, _REGISTRY[op][forced].fn, f"forced by {forced_by}", forced_by=forced_by)
+    passed_over: Dict[str, List[str]] = {}
+    order = BACKENDS if on_cuda else ("reference",)
+    for name in order:
+        reasons = _reasons(op, name, tensors, on_cuda)
+        if not reasons:
+            why = "CPU tensors" if not on_cuda else ("first able backend" if passed_over else "fastest backend")
+            return Choice(op, name, _REGISTRY[op][name].fn, why, passed_over)
+        passed_over[name] = reasons
+    details = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in passed_over.items())
+    raise RuntimeError(f"no backend of {op} can take these inputs ({details})")
 
 
-def select(op: str, *tensors: torch.Tensor) -> Callable:
+def choose(op: str, *tensors) -> Tuple[str, Callable]:
+    """Returns ``(backend name, implementation)`` of ``op`` for ``tensors`` (see :func:`explain`), and logs it."""
+    choice = explain(op, *tensors)
+    _announce(choice, warn=choice.backend == "reference" and bool(choice.passed_over) and choice.forced_by is None)
+    return choice.backend, choice.fn
+
+
+def select(op: str, *tensors) -> Callable:
     """Returns the implementation of ``op`` to use for ``tensors`` (see :func:`choose`)."""
     return choose(op, *tensors)[1]
 
 
 def describe() -> Dict[str, Dict[str, str]]:
-    """For each op and backend, whether it is available and why (used by ``python -m spatial_mamba.info``)."""
+    """For each op and backend, whether it is available on this machine and why (before looking at inputs)."""
     report = {}
     for op, impls in sorted(_REGISTRY.items()):
         report[op] = {}
         for backend in BACKENDS:
-            impl = impls.get(backend)
-            if impl is None:
+            if backend not in impls:
                 report[op][backend] = "not implemented"
                 continue
-            ok, reason = impl.available()
+            ok, reason = impls[backend].available()
             report[op][backend] = ("available: " if ok else "unavailable: ") + reason
     return report

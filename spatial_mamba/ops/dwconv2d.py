@@ -98,4 +98,4 @@ def depthwise_conv2d_replicate(x: torch.Tensor, weight: torch.Tensor, dilation: 
     if min(x.shape[2:]) < 1:
         raise ValueError(f"depthwise_conv2d_replicate: x must have height and width >= 1; got {tuple(x.shape)}")
     x = x.contiguous()
-    return backend.select("dwconv2d", x)(x, weight, dilation)
+    return backend.select("dwconv2d", x, weight)(x, weight, dilation)

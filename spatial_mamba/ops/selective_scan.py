@@ -293,7 +293,7 @@ def selective_scan_fn(
         raise ValueError(f"selective_scan_fn: all inputs must be on one device; got {[str(t.device) for t in tensors]}")
 
     u, delta, B = u.contiguous(), delta.contiguous(), B.contiguous()
-    impl = backend.select("selective_scan", u)
+    impl = backend.select("selective_scan", u, delta, A, B, delta_bias)
     if float64 and impl is not selective_scan_ref:
         raise TypeError(
             "selective_scan_fn: float64 inputs run on the reference backend only (CPU tensors, or "

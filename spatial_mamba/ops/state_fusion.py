@@ -162,7 +162,7 @@ def state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, path: str = "auto")
         taps = fusion_taps(kernel_3, kernel_3_1, kernel_3_2, alpha)
         taps = taps.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
         h = h.contiguous()
-        return backend.select("state_fusion", h)(h, taps)
+        return backend.select("state_fusion", h, taps)(h, taps)
     if path == "branches":
         return _branches(h, (kernel_3, kernel_3_1, kernel_3_2), alpha)
     with torch.autocast(device_type=h.device.type, enabled=False):

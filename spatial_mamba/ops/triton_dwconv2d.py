@@ -1,4 +1,5 @@
-"""Triton backend of the replicate-padded depthwise 2-D convolution of the state fusion (SPEC §1.6, §3b).
+"""Triton backend of the replicate-padded depthwise 2-D convolution of the state fusion (paper Eq. 4, SASF; the official
+``kernels/dwconv2d``).
 
 Like ``triton_scan``, it runs on CUDA tensors when the CUDA extension is not built, and on CPU tensors under
 ``TRITON_INTERPRET=1`` with ``SPATIAL_MAMBA_BACKEND=triton`` (the tests). The kernels live in
@@ -119,4 +120,11 @@ def depthwise_conv2d_replicate_triton(x: torch.Tensor, weight: torch.Tensor, dil
     return _DepthwiseConv2dReplicateTriton.apply(x.contiguous(), weight.contiguous(), int(dilation))
 
 
-backend.register("dwconv2d", "triton", depthwise_conv2d_replicate_triton, available)
+def supports(x=None, weight=None, *rest):
+    """Why the Triton convolution cannot take these inputs: float64 (it computes in float32)."""
+    from ._cuda import _dtype_reasons
+
+    return _dtype_reasons(x)
+
+
+backend.register("dwconv2d", "triton", depthwise_conv2d_replicate_triton, available, supports=supports)

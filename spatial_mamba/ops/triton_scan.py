@@ -1,4 +1,5 @@
-"""Triton backend of the hidden-state selective scan, for d_state N = 1 (SPEC §1.5 step 7, §3a).
+"""Triton backend of the hidden-state selective scan, for d_state N = 1 (paper Eq. 2-3; the official
+``kernels/selective_scan``).
 
 It runs on CUDA tensors when the CUDA extension in ``kernels/`` is not built, so a user without a compiler still gets
 a fast model. Under ``TRITON_INTERPRET=1`` with ``SPATIAL_MAMBA_BACKEND=triton`` it also runs on CPU tensors, through
@@ -51,8 +52,11 @@ def triton_is_interpreted() -> bool:
     timm and torchvision), so the variable must be set before that.
     """
     import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
 
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without the interpreter class cannot be in interpreter mode
+        return False
     return isinstance(tl.zeros, InterpretedFunction)
 
 
@@ -184,4 +188,11 @@ def selective_scan_triton(
     )
 
 
-backend.register("selective_scan", "triton", selective_scan_triton, available)
+def supports(u=None, delta=None, A=None, B=None, delta_bias=None, *rest):
+    """Why the Triton scan cannot take these inputs (the same limits as the CUDA kernels: N = 1, 16/32-bit floats)."""
+    from ._cuda import supports_selective_scan
+
+    return supports_selective_scan(u, delta, A, B, delta_bias)
+
+
+backend.register("selective_scan", "triton", selective_scan_triton, available, supports=supports)

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from torch.autograd import DeviceType
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +94,10 @@ def test_scan_section_counts_bytes_and_bandwidth_from_its_own_time(smoke, direct
     assert 0 < reference["ms_min"] <= reference["ms"]
     assert reference["gb_per_s"] == pytest.approx(section["bytes_moved"]["total"] / (reference["ms"] * 1e-3) / 1e9)
     assert reference["fraction_of_peak_bandwidth"] is None  # no peak bandwidth on a CPU
-    assert reference["max_rel_diff_vs_reference"] == 0.0
+    # Checked against the reference run in float64: a float32 run differs, but by less than the threshold.
+    assert 0.0 < reference["max_rel_diff_vs_reference"] <= reference["check_threshold"]
+    assert reference["check_threshold"] == gpu.CHECK_MAX_REL_DIFF["float32" if direction == "forward" else "bfloat16"]
+    assert reference["check_pass"] is True
     for name in ("cuda", "triton"):
         assert section["backends"][name]["available"] is False
         assert section["backends"][name]["reason"]
@@ -111,6 +115,35 @@ def test_fusion_speedup_is_the_ratio_of_the_two_times(smoke, direction, path):
     assert ours["speedup_vs_baseline"] == pytest.approx(baseline_ms / ours["ms"], rel=1e-12)
     # float32: the two compute the same sums in a different order (our CPU backward uses forward convolutions)
     assert ours["max_rel_diff_vs_baseline"] <= 1e-5
+    assert ours["check_pass"] is True
+    # The one-pass op has no CPU backend without the Triton interpreter: its rows say why.
+    for name in ("cuda", "triton"):
+        assert section["fused"][name]["available"] is False and section["fused"][name]["reason"]
+
+
+def test_a_result_beyond_the_threshold_fails_the_check():
+    threshold = gpu.CHECK_MAX_REL_DIFF["float32"]
+    assert gpu.judge_difference(threshold / 2, "float32") == {"check_threshold": threshold, "check_pass": True}
+    assert gpu.judge_difference(threshold * 2, "float32")["check_pass"] is False
+    # A fusion that zero-pads instead of replicating the border differs from the baseline far beyond it.
+    h = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    params = [torch.randn(2, 1, 3, 3, dtype=torch.float64) for _ in range(3)] + [torch.rand(3, dtype=torch.float64)]
+    replicate = gpu.native_state_fusion(h, *params, merged=False)
+    zero = sum(
+        torch.nn.functional.conv2d(h, params[3][i] * k, padding=d, dilation=d, groups=2)
+        for i, (k, d) in enumerate(zip(params[:3], (1, 3, 5)))
+    )
+    assert gpu.judge_difference(gpu.relative_max_diff([zero], [replicate]), "float32")["check_pass"] is False
+
+
+def test_fusion_taps_match_the_three_dilated_kernels():
+    # The fused op's taps, applied by clamped gathers, equal the three-branch baseline.
+    h = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    params = [torch.randn(3, 1, 3, 3, dtype=torch.float64) for _ in range(3)] + [torch.rand(3, dtype=torch.float64)]
+    from tests.kernels.parity import gather_fusion
+
+    fused = gather_fusion(h, gpu.fusion_taps(*params))
+    torch.testing.assert_close(fused, gpu.native_state_fusion(h, *params, merged=False), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", gpu.SMOKE_MODELS)

@@ -1,4 +1,4 @@
-"""Building the CUDA extensions: finding the toolkit (kernels/build.py), and compiling both extensions.
+"""Building the CUDA extensions: finding the toolkit (kernels/build.py), and compiling every extension.
 
 The compile test needs the CUDA toolkit but no GPU. It runs ``setup.py build_ext`` with SPATIAL_MAMBA_BUILD_CUDA=1,
 TORCH_CUDA_ARCH_LIST=9.0 and MAX_JOBS=2 into a temporary directory (a few minutes on 2 cores), then loads both
@@ -24,7 +24,11 @@ from torch.utils import cpp_extension
 from kernels import build
 
 ROOT = Path(__file__).resolve().parents[2]
-FUNCTIONS = {"_selective_scan_cuda": ("fwd", "bwd"), "_dwconv2d_cuda": ("fwd", "dgrad", "wgrad")}
+FUNCTIONS = {
+    "_selective_scan_cuda": ("fwd", "bwd"),
+    "_dwconv2d_cuda": ("fwd", "dgrad", "wgrad"),
+    "_state_fusion_cuda": ("fwd", "bwd"),
+}
 
 
 def write_script(path: Path, text: str) -> Path:
@@ -125,7 +129,7 @@ def test_cuda_build_plan_builds_for_hopper_when_no_gpu_is_visible(plan_env):
 
 @pytest.fixture(scope="module")
 def built_extensions(tmp_path_factory):
-    """Both extensions compiled by setup.py into a temporary directory: ({name: path of the .so}, build log)."""
+    """The extensions compiled by setup.py into a temporary directory: ({name: path of the .so}, build log)."""
     try:
         cuda_home = build.find_cuda_home()
     except RuntimeError as error:
@@ -135,7 +139,7 @@ def built_extensions(tmp_path_factory):
     command = [sys.executable, "setup.py", "build_ext", "--build-lib", str(out / "lib"), "--build-temp", str(out)]
     start = time.monotonic()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    print(f"setup.py build_ext compiled both CUDA extensions in {time.monotonic() - start:.0f} s")
+    print(f"setup.py build_ext compiled the CUDA extensions in {time.monotonic() - start:.0f} s")
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"build failed:\n{log[-8000:]}"
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
@@ -178,13 +182,18 @@ def test_extensions_reject_cpu_tensors_with_a_clear_error(built_extensions):
     x = torch.zeros(1, 2, 4, 4)
     with pytest.raises(RuntimeError, match="dwconv2d \\(cuda\\): x must be a CUDA tensor"):
         conv.fwd(x, torch.zeros(2, 1, 3, 3), 1)
+    fusion = load("_state_fusion_cuda", paths["_state_fusion_cuda"])
+    with pytest.raises(RuntimeError, match="state_fusion \\(cuda\\): h must be a CUDA tensor"):
+        fusion.fwd(x, torch.zeros(2, 25))
 
 
 REGISTRATION_CHECK = """
 import torch
 from spatial_mamba.ops import backend
 
-for op, extension in (("selective_scan", "_selective_scan_cuda"), ("dwconv2d", "_dwconv2d_cuda")):
+for op, extension in (
+    ("selective_scan", "_selective_scan_cuda"), ("dwconv2d", "_dwconv2d_cuda"), ("state_fusion", "_state_fusion_cuda")
+):
     impl = backend._REGISTRY[op]["cuda"]
     assert impl.available() == (True, f"compiled extension spatial_mamba.{extension}"), impl.available()
 
@@ -203,6 +212,12 @@ y = backend._REGISTRY["dwconv2d"]["cuda"].fn(x, w, 1)
 assert (y.shape, y.dtype) == (x.shape, x.dtype)
 y.sum().backward()
 assert (x.grad.shape, x.grad.dtype, w.grad.shape, w.grad.dtype) == (x.shape, x.dtype, w.shape, w.dtype)
+
+h, taps = torch.empty(2, 3, 7, 9, dtype=torch.bfloat16, **meta), torch.empty(3, 25, **meta)
+out = backend._REGISTRY["state_fusion"]["cuda"].fn(h, taps)
+assert (out.shape, out.dtype) == (h.shape, h.dtype)
+out.sum().backward()
+assert (h.grad.shape, h.grad.dtype, taps.grad.shape, taps.grad.dtype) == (h.shape, h.dtype, taps.shape, taps.dtype)
 print("registered")
 """
 

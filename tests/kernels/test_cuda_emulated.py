@@ -5,7 +5,7 @@ thread per CUDA thread, barriers for warp shuffles and __syncthreads, blocks run
 poisoned with NaN) and called through their launchers, so the launch configurations, the tiling and border
 handling, the warp scans and the partial-sum layouts are all exercised. What it cannot check: speed, races that need
 concurrent blocks, and the GPU's fast-math intrinsics. The binding's last steps (summing partials, casting) are
-mirrored here. Ground truth and tolerances: see ``tests/kernels/common.py``.
+mirrored here. Ground truth and tolerances: see ``tests/kernels/parity.py``.
 """
 
 import ctypes
@@ -17,7 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from .common import DTYPES, check_conv, check_scan, conv_inputs, scan_inputs
+from .parity import (
+    ATOL_OF_MAX,
+    DTYPES,
+    ROUNDING,
+    assert_close,
+    check_conv,
+    check_fusion,
+    check_scan,
+    conv_inputs,
+    fusion_inputs,
+    gather_fusion,
+    run_fusion,
+    scan_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ROOT / "kernels"
@@ -26,6 +39,7 @@ SOURCES = [
     "selective_scan/selective_scan_bwd.cu",
     "dwconv2d/dwconv2d_fwd.cu",
     "dwconv2d/dwconv2d_wgrad.cu",
+    "state_fusion/state_fusion_kernels.cu",
 ]
 KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LAUNCH = re.compile(r"([\w:]+(?:<[^;<>]*>)?)<<<(.*?)>>>\((.*?)\);")
@@ -53,7 +67,13 @@ def emulated(tmp_path_factory) -> ctypes.CDLL:
         target.write_text(text)
         translated.append(str(target))
     library = build / "libemulated_kernels.so"
-    includes = [KERNELS / "emulation", KERNELS, KERNELS / "selective_scan", KERNELS / "dwconv2d"]
+    includes = [
+        KERNELS / "emulation",
+        KERNELS,
+        KERNELS / "selective_scan",
+        KERNELS / "dwconv2d",
+        KERNELS / "state_fusion",
+    ]
     command = [gxx, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread"]
     command += [f"-I{path}" for path in includes] + ["-include", str(KERNELS / "emulation" / "emulation.h")]
     command += translated + [str(KERNELS / "emulation" / "harness.cpp"), "-o", str(library)]
@@ -62,6 +82,7 @@ def emulated(tmp_path_factory) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library))
     lib.emu_scan_bwd_dim_groups.restype = ctypes.c_int64
     lib.emu_dwconv2d_wgrad_partials.restype = ctypes.c_int64
+    lib.emu_fusion_tiles.restype = ctypes.c_int64
     return lib
 
 
@@ -151,3 +172,77 @@ def test_emulated_dwconv2d_matches_reference(emulated, case):
     x, weight, dy = conv_inputs(*shape, k, dtype, device="cpu")
     y, dx, dw = emulated_conv(emulated, x, weight, dilation, dy)
     check_conv(y, dx, dw, x, weight, dilation, dy)
+
+
+def emulated_fusion(lib, h, taps, dy, need_dh=True, need_dtaps=True):
+    """out, dh and dtaps as spatial_mamba._state_fusion_cuda returns them, from the emulated kernels."""
+    batch, channels, height, width = h.shape
+    kind = KIND[h.dtype]
+    sizes = _sizes(batch, channels, height, width)
+    out, dh = torch.full_like(h, float("nan")), torch.full_like(h, float("nan"))
+    assert lib.emu_state_fusion_fwd(kind, _ptr(h), _ptr(taps), _ptr(out), *sizes) == 0
+    partial = torch.full((batch, channels, lib.emu_fusion_tiles(*sizes), 25), float("nan"))
+    pointers = [_ptr(dh) if need_dh else None, _ptr(partial) if need_dtaps else None]
+    assert lib.emu_state_fusion_bwd(kind, _ptr(h), _ptr(taps), _ptr(dy), *pointers, *sizes) == 0
+    return out, dh, partial.sum((0, 2))
+
+
+# (batch, C, H, W, dtype): one pixel, one row, one column, planes within the halo, several 32 x 32 tiles across
+# (70 wide) and down (40 tall) with ragged edges, T's last stage (7 x 7), and the half-precision types.
+FUSION_CASES = [
+    (1, 2, 1, 1, torch.float32),
+    (2, 1, 1, 6, torch.float32),
+    (1, 2, 12, 1, torch.float32),
+    (1, 1, 6, 4, torch.float32),
+    (1, 2, 40, 70, torch.float32),
+    (2, 3, 7, 7, torch.float16),
+    (1, 2, 33, 9, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", FUSION_CASES, ids=str)
+def test_emulated_state_fusion_matches_reference(emulated, case):
+    *shape, dtype = case
+    h, taps, dy = fusion_inputs(*shape, dtype)
+    out, dh, dtaps = emulated_fusion(emulated, h, taps, dy)
+    check_fusion(out, dh, dtaps, h, taps, dy)
+
+
+def test_emulated_state_fusion_computes_only_the_gradients_asked_for(emulated):
+    h, taps, dy = fusion_inputs(1, 2, 9, 9, torch.float32)
+    _, dh, _ = emulated_fusion(emulated, h, taps, dy, need_dh=False)
+    assert torch.isnan(dh).all()  # never written
+    _, dh_only, dtaps = emulated_fusion(emulated, h, taps, dy, need_dtaps=False)
+    assert torch.isnan(dtaps).all()
+    _, dh_ref, _ = run_fusion(gather_fusion, h.double(), taps.double(), dy)
+    assert_close(dh_only, dh_ref, ROUNDING[torch.float32], ATOL_OF_MAX, "dh")
+
+
+def test_emulated_softplus_keeps_float32_accuracy(emulated):
+    # With L = 1, B = u = 1 and A = 0 the scan returns Δ = softplus(delta) itself. The kernels' log-free softplus
+    # must match the official rule (log1p(exp(v)) up to 20, v above) to a few float32 ulp everywhere, also far below
+    # 0 where softplus(v) ~ exp(v) is tiny. (The emulation runs exact expf and division; on the GPU both are
+    # approximations with about 2**-21 relative error, well inside the scan tests' tolerances.)
+    raw = torch.cat([torch.linspace(-87.0, 19.99, 4001), torch.tensor([20.0, 20.1, 60.0])])
+    channels = raw.numel()
+    inputs = {
+        "u": torch.ones(1, channels, 1),
+        "delta": raw[None, :, None].clone(),
+        "A": torch.zeros(channels, 1),
+        "B": torch.ones(1, 1, 1),
+        "delta_bias": None,
+    }
+    hs = torch.full((1, channels, 1, 1), float("nan"))
+    pointers = [_ptr(inputs[k]) for k in ("u", "delta", "A", "B", "delta_bias")]
+    assert emulated.emu_scan_fwd(0, *pointers, 1, _ptr(hs), *_sizes(1, channels, 1)) == 0
+    value = raw.double()
+    expected = torch.where(value <= 20, torch.log1p(torch.exp(value.clamp(max=20))), value)
+    torch.testing.assert_close(hs.flatten().double(), expected, rtol=4 * 2.0**-24, atol=0)
+
+
+def test_emulated_scan_launchers_refuse_rows_beyond_32_bit_positions(emulated):
+    # Positions inside a row are 32-bit; longer rows are refused before any launch (the binding says why).
+    too_long = 2**31
+    null = [None] * 5
+    assert emulated.emu_scan_fwd(0, *null, 1, None, *_sizes(1, 1, too_long)) != 0
+    assert emulated.emu_scan_bwd(0, *null, 1, *[None] * 7, *_sizes(1, 1, too_long)) != 0

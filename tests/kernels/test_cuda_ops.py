@@ -1,7 +1,10 @@
-"""The compiled CUDA kernels (kernels/, registered by spatial_mamba/ops/_cuda.py) against the pure-PyTorch reference.
+"""GPU-only checks of the compiled CUDA kernels (kernels/, registered by spatial_mamba/ops/_cuda.py).
 
 Needs a CUDA GPU and the built extensions (``SPATIAL_MAMBA_BUILD_CUDA=1 python setup.py build_ext --inplace``);
-everything here is skipped otherwise. Ground truth and tolerances: see ``tests/kernels/common.py``.
+everything here is skipped otherwise. Their numbers on every test shape are checked with the other backends in
+test_backend_parity.py; this file covers what only a GPU shows: dispatch, determinism, torch.compile and opcheck,
+misaligned pointers, and tensors beyond 2**31 elements. Ground truth and tolerances: ``tests/kernels/parity.py``;
+a kernel is never compared with itself.
 """
 
 import pytest
@@ -10,15 +13,13 @@ import torch.nn.functional as F
 
 from spatial_mamba.ops import backend, depthwise_conv2d_replicate, selective_scan_fn
 
-from .common import ATOL_OF_MAX, DTYPES, assert_close, check_conv, check_scan, run_conv, run_scan
-from .common import conv_inputs as _conv_inputs
-from .common import scan_inputs as _scan_inputs
+from . import parity
 
 
 def _cuda_ready() -> bool:
     if not torch.cuda.is_available():
         return False
-    return all(backend._REGISTRY[op]["cuda"].available()[0] for op in ("selective_scan", "dwconv2d"))
+    return all(backend.is_available(op, "cuda")[0] for op in ("selective_scan", "dwconv2d"))
 
 
 pytestmark = [
@@ -27,72 +28,78 @@ pytestmark = [
 ]
 
 
-def impl(op, name):
-    return backend._REGISTRY[op][name].fn
-
-
-def scan_inputs(*args):
-    return _scan_inputs(*args, device="cuda")
-
-
-def conv_inputs(*args):
-    return _conv_inputs(*args, device="cuda")
+def impl(op):
+    return backend.implementation(op, "cuda")
 
 
 # ---------------------------------------------------------------------------------------------- selective scan
 
-# Token counts of the four stages of Spatial-Mamba-T at 224 (SPEC §1.8): (batch, D, L), then odd and long rows.
-STAGE_SHAPES = [(2, 128, 3136), (2, 256, 784), (2, 512, 196), (2, 1024, 49)]
-ODD_SHAPES = [(1, 3, 1), (2, 5, 7), (1, 9, 64), (1, 16, 65), (2, 24, 257), (3, 7, 1001)]
-LONG_SHAPE = (1, 4, 66_600)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", STAGE_SHAPES + ODD_SHAPES + [LONG_SHAPE], ids=str)
-@pytest.mark.parametrize("delta_softplus, with_bias", [(True, True), (False, False)], ids=["softplus", "plain"])
-def test_selective_scan_matches_reference(shape, dtype, delta_softplus, with_bias):
-    inputs, dhs = scan_inputs(*shape, dtype, delta_softplus, with_bias)
-    hs, grads = run_scan(impl("selective_scan", "cuda"), inputs, delta_softplus, dhs)
-    check_scan(hs, grads, inputs, delta_softplus, dhs)
-
 
 def test_selective_scan_gradients_are_deterministic():
-    inputs, dhs = scan_inputs(4, 64, 3136, torch.bfloat16, True, True)
-    first = run_scan(impl("selective_scan", "cuda"), inputs, True, dhs)[1]
-    second = run_scan(impl("selective_scan", "cuda"), inputs, True, dhs)[1]
+    inputs, dhs = parity.scan_inputs(4, 64, 3136, torch.bfloat16, device="cuda")
+    first = parity.run_scan(impl("selective_scan"), inputs, True, dhs)[1]
+    second = parity.run_scan(impl("selective_scan"), inputs, True, dhs)[1]
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
 
-def test_selective_scan_fn_dispatches_to_cuda(monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "cuda")
-    inputs, _ = scan_inputs(2, 32, 196, torch.float16, True, True)
-    hs = selective_scan_fn(
-        inputs["u"], inputs["delta"], inputs["A"], inputs["B"], delta_bias=inputs["delta_bias"], delta_softplus=True
+def test_dispatcher_picks_cuda_for_the_model_inputs_and_hands_d_state_two_on():
+    inputs, dhs = parity.scan_inputs(2, 32, 196, torch.float16, device="cuda")
+    assert backend.explain("selective_scan", *inputs.values()).backend == "cuda"
+    inputs2, dhs2 = parity.scan_inputs(1, 4, 16, torch.float32, device="cuda", states=2)
+    choice = backend.explain("selective_scan", *inputs2.values())
+    assert choice.backend == "reference" and "d_state N = 2" in choice.passed_over["cuda"][0]
+    hs, grads = parity.run_scan(
+        lambda u, d, A, B, b, s: selective_scan_fn(u, d, A, B, delta_bias=b, delta_softplus=s), inputs2, True, dhs2
     )
-    direct = impl("selective_scan", "cuda")(*inputs.values(), True)
-    assert torch.equal(hs, direct)
+    parity.check_scan(hs, grads, inputs2, True, dhs2)
 
 
-def test_selective_scan_cuda_rejects_d_state_above_one():
-    inputs, _ = scan_inputs(1, 4, 16, torch.float32, True, True)
-    A = inputs["A"].expand(4, 2).contiguous()
-    B = inputs["B"].expand(1, 2, 16).contiguous()
-    with pytest.raises(ValueError, match="N = 1"):
-        impl("selective_scan", "cuda")(inputs["u"], inputs["delta"], A, B, inputs["delta_bias"], True)
+def test_selective_scan_handles_misaligned_inputs():
+    # B from torch.split with a storage offset, as the model's batch-1 B: the kernels must take the scalar path.
+    inputs, dhs = parity.scan_inputs(1, 16, 3136, torch.bfloat16, device="cuda")
+    storage = torch.empty(inputs["B"].numel() + 1, device="cuda", dtype=torch.bfloat16)
+    shifted = storage[1:].view_as(inputs["B"])
+    shifted.copy_(inputs["B"])
+    assert shifted.data_ptr() % 16 != 0
+    hs, grads = parity.run_scan(impl("selective_scan"), {**inputs, "B": shifted}, True, dhs)
+    parity.check_scan(hs, grads, inputs, True, dhs)
+
+
+@pytest.mark.slow
+def test_selective_scan_beyond_two_to_the_31_elements():
+    # 32768 x 66,600 = 2.2e9 elements (a 1333x800 detection row at stride 4); rows are independent, so the last rows
+    # of the result are compared with the float64 loop on those rows alone.
+    batch, channels, length = 1, 32768, 66_600
+    assert batch * channels * length > 2**31
+    inputs, dhs = parity.scan_inputs(batch, 8, length, torch.bfloat16, device="cuda", seed=3)
+    big = {
+        "u": inputs["u"].repeat(1, channels // 8, 1),
+        "delta": inputs["delta"].repeat(1, channels // 8, 1),
+        "A": inputs["A"].repeat(channels // 8, 1),
+        "B": inputs["B"],
+        "delta_bias": inputs["delta_bias"].repeat(channels // 8),
+    }
+    with torch.no_grad():
+        hs = impl("selective_scan")(*big.values(), True)
+    del big
+    tail = hs[:, -8:].float()
+    expected = parity.sequential_scan(*(v.double().cpu() for v in inputs.values()), True)
+    parity.assert_close(tail, expected, parity.ROUNDING[torch.float32], parity.ATOL_OF_MAX, "hs of the last rows")
 
 
 def test_selective_scan_compiles_without_graph_breaks():
-    inputs, dhs = scan_inputs(2, 16, 196, torch.float32, True, True)
-    scan = impl("selective_scan", "cuda")
+    inputs, dhs = parity.scan_inputs(2, 16, 196, torch.float32, device="cuda")
+    scan = impl("selective_scan")
     compiled = torch.compile(lambda *args: scan(*args) * 2.0, fullgraph=True)
     hs = compiled(*inputs.values(), True)
-    assert torch.equal(hs, scan(*inputs.values(), True) * 2.0)
+    expected = parity.sequential_scan(*(None if v is None else v.cpu() for v in inputs.values()), True) * 2.0
+    parity.assert_close(hs, expected, parity.ROUNDING[torch.float32], parity.ATOL_OF_MAX, "compiled hs")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=str)
 def test_selective_scan_custom_ops_pass_opcheck(dtype):
-    inputs, dhs = scan_inputs(2, 8, 100, dtype, True, True)
+    inputs, dhs = parity.scan_inputs(2, 8, 100, dtype, device="cuda")
     fwd_args = tuple(v.requires_grad_() if v.is_floating_point() else v for v in inputs.values()) + (True,)
     torch.library.opcheck(torch.ops.spatial_mamba.selective_scan_cuda_fwd.default, fwd_args)
     hs = torch.ops.spatial_mamba.selective_scan_cuda_fwd(*[a.detach() if torch.is_tensor(a) else a for a in fwd_args])
@@ -102,74 +109,50 @@ def test_selective_scan_custom_ops_pass_opcheck(dtype):
 
 # ------------------------------------------------------------------------------------------------ depthwise conv
 
-# (batch, C, H, W): the SASF planes of the four stages at 224, then odd, non-square, thin and one-pixel planes.
-CONV_SHAPES = [
-    (2, 8, 56, 56),
-    (2, 16, 28, 28),
-    (2, 32, 14, 14),
-    (2, 64, 7, 7),
-    (2, 3, 13, 37),
-    (1, 2, 1, 1),
-    (1, 2, 2, 3),
-    (1, 4, 64, 5),
-    (3, 2, 5, 70),
-]
-# (kernel size, dilation): the three SASF training branches, the merged eval kernel, and the other compiled sizes.
-CONV_KERNELS = [(3, 1), (3, 3), (3, 5), (11, 1), (5, 2), (7, 1), (9, 1)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kernel_size, dilation", CONV_KERNELS, ids=str)
-@pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
-def test_dwconv2d_matches_reference(shape, kernel_size, dilation, dtype):
-    x, weight, dy = conv_inputs(*shape, kernel_size, dtype)
-    y, dx, dw = run_conv(impl("dwconv2d", "cuda"), x, weight, dilation, dy)
-    check_conv(y, dx, dw, x, weight, dilation, dy)
-
 
 def test_dwconv2d_merged_kernel_equals_three_dilated_branches():
-    """SPEC §1.6: with replicate padding, one 11x11 conv of the merged taps equals the three 3x3 branches."""
-    x, _, _ = conv_inputs(2, 8, 56, 56, 3, torch.float32)
+    """With replicate padding, one 11x11 conv of the merged taps equals the three 3x3 branches (paper Eq. 4)."""
+    x, _, _ = parity.conv_inputs(2, 8, 56, 56, 3, torch.float32, device="cuda")
     kernels = [torch.randn(8, 1, 3, 3, device="cuda") for _ in range(3)]
-    branches = sum(depthwise_conv2d_replicate(x, k, dilation=d) for k, d in zip(kernels, (1, 3, 5)))
     merged = torch.zeros(8, 1, 11, 11, device="cuda")
     for k, d in zip(kernels, (1, 3, 5)):
         merged[:, :, 5 - d : 6 + d : d, 5 - d : 6 + d : d] += k
-    conv = impl("dwconv2d", "cuda")
-    assert_close(conv(x, merged, 1), branches, 0.0, ATOL_OF_MAX, "merged")
+    expected = sum(
+        parity.clamped_gather_conv(x.double().cpu(), k.double().cpu(), d) for k, d in zip(kernels, (1, 3, 5))
+    )
+    parity.assert_close(impl("dwconv2d")(x, merged, 1), expected, 0.0, parity.ATOL_OF_MAX, "merged")
 
 
-def test_dwconv2d_fn_dispatches_to_cuda(monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "cuda")
-    x, weight, _ = conv_inputs(2, 8, 28, 28, 3, torch.float16)
-    assert torch.equal(depthwise_conv2d_replicate(x, weight, 3), impl("dwconv2d", "cuda")(x, weight, 3))
-
-
-def test_dwconv2d_cuda_rejects_kernel_sizes_without_kernels():
-    x, weight, _ = conv_inputs(1, 2, 16, 16, 13, torch.float32)
-    with pytest.raises(ValueError, match="kernel sizes"):
-        impl("dwconv2d", "cuda")(x, weight, 1)
+def test_dispatcher_picks_cuda_for_the_conv_and_hands_kernel_size_13_on():
+    x, weight, dy = parity.conv_inputs(2, 8, 28, 28, 3, torch.float16, device="cuda")
+    assert backend.explain("dwconv2d", x, weight).backend == "cuda"
+    x, weight, dy = parity.conv_inputs(1, 2, 16, 16, 13, torch.float32, device="cuda")
+    choice = backend.explain("dwconv2d", x, weight)
+    assert choice.backend != "cuda" and "kernel size 13" in choice.passed_over["cuda"][0]
+    y, dx, dw = parity.run_conv(depthwise_conv2d_replicate, x, weight, 1, dy)
+    parity.check_conv(y, dx, dw, x, weight, 1, dy)
 
 
 def test_dwconv2d_gradients_are_deterministic():
-    x, weight, dy = conv_inputs(8, 16, 56, 56, 3, torch.float16)
-    first = run_conv(impl("dwconv2d", "cuda"), x, weight, 3, dy)
-    second = run_conv(impl("dwconv2d", "cuda"), x, weight, 3, dy)
+    x, weight, dy = parity.conv_inputs(8, 16, 56, 56, 3, torch.float16, device="cuda")
+    first = parity.run_conv(impl("dwconv2d"), x, weight, 3, dy)
+    second = parity.run_conv(impl("dwconv2d"), x, weight, 3, dy)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
 def test_dwconv2d_compiles_without_graph_breaks():
-    x, weight, _ = conv_inputs(2, 8, 14, 14, 11, torch.float32)
-    conv = impl("dwconv2d", "cuda")
+    x, weight, _ = parity.conv_inputs(2, 8, 14, 14, 11, torch.float32, device="cuda")
+    conv = impl("dwconv2d")
     compiled = torch.compile(lambda a, w: F.gelu(conv(a, w, 1)), fullgraph=True)
-    assert_close(compiled(x, weight), F.gelu(conv(x, weight, 1)), 0.0, ATOL_OF_MAX, "compiled")
+    expected = F.gelu(parity.clamped_gather_conv(x.double().cpu(), weight.double().cpu(), 1))
+    parity.assert_close(compiled(x, weight), expected, parity.ROUNDING[torch.float32], parity.ATOL_OF_MAX, "compiled")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=str)
 @pytest.mark.parametrize("kernel_size, dilation", [(3, 3), (11, 1)], ids=str)
 def test_dwconv2d_custom_ops_pass_opcheck(kernel_size, dilation, dtype):
-    x, weight, dy = conv_inputs(2, 4, 9, 12, kernel_size, dtype)
+    x, weight, dy = parity.conv_inputs(2, 4, 9, 12, kernel_size, dtype, device="cuda")
     ops = torch.ops.spatial_mamba
     torch.library.opcheck(ops.dwconv2d_cuda_fwd.default, (x.requires_grad_(), weight.requires_grad_(), dilation))
     torch.library.opcheck(ops.dwconv2d_cuda_dgrad.default, (dy, weight.detach(), dilation))

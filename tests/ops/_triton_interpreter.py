@@ -1,4 +1,4 @@
-"""Shared by the Triton backend tests (test_triton_scan.py, test_triton_dwconv2d.py). Import after triton.
+"""Shared by the Triton backend tests (test_triton_*.py, tests/kernels/test_backend_parity.py). Import after triton.
 
 Triton reads TRITON_INTERPRET once, when it is imported, and importing spatial_mamba imports it (through timm and
 torchvision). In a session that imported it without the variable (plain ``pytest tests``), the tests marked
@@ -41,9 +41,10 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
     )
 
 
-def assert_interpreted_tests_pass(test_file: str):
-    """Runs the interpreted tests of ``test_file`` in a child pytest with TRITON_INTERPRET=1; all must pass."""
-    args = ["-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-k", INTERPRETED_KEYWORD]
+def assert_interpreted_tests_pass(test_file: str, keyword: str = INTERPRETED_KEYWORD):
+    """Runs the tests of ``test_file`` selected by ``keyword`` in a child pytest with TRITON_INTERPRET=1; all must
+    pass, none may be skipped."""
+    args = ["-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-k", keyword]
     result = subprocess.run(
         [sys.executable, *args],
         capture_output=True,

@@ -1,7 +1,8 @@
 """Replicate-padded depthwise convolution (spatial_mamba/ops/dwconv2d.py).
 
 Two independent definitions serve as ground truth: ``clamped_gather_conv``, the official CUDA kernel's definition
-(source indices clamped to the border, SPEC §3b) written as a sum of shifted gathers, and PyTorch's
+(source indices clamped to the border, as the official
+``kernels/dwconv2d/`` does) written as a sum of shifted gathers, and PyTorch's
 ``nn.Conv2d(padding_mode="replicate")`` (the official ``check.py``'s comparison). Both are run in float64; the op runs
 in float32 (rtol 1e-5 and atol 1e-6 * max, for sums of at most 121 taps) or in float64 (1e-12).
 """
@@ -84,7 +85,8 @@ def test_non_contiguous_input_gives_the_same_result():
 
 
 def test_runs_in_bfloat16_under_cpu_autocast():
-    # The official training path runs the SASF convs under autocast in low precision (SPEC §1.5, dtypes under AMP).
+    # The official training path runs the SASF convs under autocast in low precision (official
+    # ``classification/models/spatialmamba.py`` under AMP).
     x, weight = make(1, 2, (5, 5), 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = depthwise_conv2d_replicate(x, weight, 1)

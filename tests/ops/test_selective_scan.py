@@ -1,7 +1,8 @@
 """The pure-PyTorch selective scan (spatial_mamba/ops/selective_scan.py) against a sequential float64 loop.
 
-Ground truth: ``sequential_scan`` below, the recurrence of SPEC §1.5 step 7 written as a plain loop over t in
-float64 and differentiated by autograd. Tolerances, on |actual - expected| <= atol + rtol * |expected| elementwise,
+Ground truth: ``sequential_scan`` (tests/kernels/parity.py, shared with the kernel tests), the recurrence of the
+paper's Eq. 2-3 written as a plain loop over t in float64 with a hand-written adjoint (checked by gradcheck here).
+Tolerances, on |actual - expected| <= atol + rtol * |expected| elementwise,
 with atol a multiple of max|expected| (gradients are sums whose small entries carry the error of the large ones):
 - float64 inputs: the reference also computes in float64; rtol 1e-9, atol 1e-11 * max (measured <= 1.5e-15 * max);
 - float32/float16/bfloat16 inputs: it computes in float32, so atol 2e-5 * max for hs and every gradient; gradients
@@ -9,12 +10,12 @@ with atol a multiple of max|expected| (gradients are sums whose small entries ca
   Measured: <= 3e-7 * max for float32 inputs; 2e-4 and 3e-3 * max for the float16 and bfloat16 gradients.
 """
 
-import numpy as np
 import pytest
 import torch
 
 from spatial_mamba.ops import backend, selective_scan_fn
 from spatial_mamba.ops.selective_scan import selective_scan_ref
+from tests.kernels.parity import SequentialRecurrence, sequential_scan
 
 FLOAT64_RTOL, FLOAT64_ATOL_OF_MAX = 1e-9, 1e-11
 FLOAT32_ATOL_OF_MAX = 2e-5
@@ -22,55 +23,8 @@ ROUNDING = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-
 GRAD_NAMES = ("u", "delta", "A", "B", "delta_bias")
 
 
-class SequentialRecurrence(torch.autograd.Function):
-    """x_t = a_t x_{t-1} + b_t, x_{-1} = 0, along the last dim: a plain loop over t in float64 numpy.
-
-    Its backward is the textbook adjoint, also a loop: g_t = dx_t + a_{t+1} g_{t+1}, da_t = g_t x_{t-1}, db_t = g_t.
-    (Autograd through a torch loop takes minutes on a 66,600-long row.)
-    """
-
-    @staticmethod
-    def forward(ctx, a, b):
-        a_np, b_np = a.detach().reshape(-1, a.shape[-1]).numpy(), b.detach().reshape(-1, b.shape[-1]).numpy()
-        x = np.zeros_like(b_np)
-        state = np.zeros(b_np.shape[0])
-        for t in range(b_np.shape[1]):
-            state = a_np[:, t] * state + b_np[:, t]
-            x[:, t] = state
-        out = torch.from_numpy(x).reshape(b.shape)
-        ctx.save_for_backward(a, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, dx):
-        a, x = ctx.saved_tensors
-        a_np, x_np = a.reshape(-1, a.shape[-1]).numpy(), x.reshape(-1, x.shape[-1]).numpy()
-        dx_np = dx.double().reshape(-1, dx.shape[-1]).numpy()
-        g = np.zeros_like(dx_np)
-        adjoint = np.zeros(dx_np.shape[0])
-        for t in range(dx_np.shape[1] - 1, -1, -1):
-            adjoint = dx_np[:, t] + (a_np[:, t + 1] * adjoint if t + 1 < dx_np.shape[1] else 0.0)
-            g[:, t] = adjoint
-        da = np.zeros_like(g)
-        da[:, 1:] = g[:, 1:] * x_np[:, :-1]
-        return torch.from_numpy(da).reshape(a.shape), torch.from_numpy(g).reshape(a.shape)
-
-
-def sequential_scan(u, delta, A, B, delta_bias, delta_softplus):
-    """x_t = exp(Δ_t A) x_{t-1} + Δ_t B_t u_t, x_{-1} = 0, as a loop over t in float64 (SPEC §1.5 step 7)."""
-    u, delta, A, B = u.double(), delta.double(), A.double(), B.double()
-    B = B.squeeze(1) if B.dim() == 4 else B
-    dt = delta if delta_bias is None else delta + delta_bias.double()[:, None]
-    if delta_softplus:
-        # The official rule; the clamp keeps exp finite in the branch that torch.where discards.
-        dt = torch.where(dt <= 20, torch.log1p(torch.exp(dt.clamp(max=20))), dt)
-    decay = torch.exp(dt.unsqueeze(2) * A[:, :, None])
-    drive = (dt * u).unsqueeze(2) * B.unsqueeze(1)
-    return SequentialRecurrence.apply(decay, drive)
-
-
 def make_inputs(batch, channels, states, length, dtype, delta_softplus, with_bias, seed=0):
-    """Inputs in the model's ranges (SPEC §1.7): Δ mostly in [1e-3, 0.1], A = -exp(A_log) < 0."""
+    """Inputs in the model's ranges (``classification/models/spatialmamba.py``): Δ mostly in [1e-3, 0.1], A < 0."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, channels, length, generator=gen, dtype=torch.float64)
     A = -torch.empty(channels, states, dtype=torch.float64).uniform_(0.5, 4.0, generator=gen)
@@ -170,9 +124,9 @@ def test_long_float32_row_stays_finite_and_close_to_float64(A_value, delta_value
         inputs["delta"].fill_(delta_value)
     dhs = torch.randn(2, 3, 1, length, generator=torch.Generator().manual_seed(5))
     hs, grads = run(reference, inputs, True, dhs)
-    wide = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
-    hs_wide, grads_wide = run(reference, wide, True, dhs.double())
-    for name, actual, expected in [("hs", hs, hs_wide)] + [(f"d{k}", grads[k], grads_wide[k]) for k in grads]:
+    exact = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    hs_exact, grads_exact = run(sequential_scan, exact, True, dhs.double())
+    for name, actual, expected in [("hs", hs, hs_exact)] + [(f"d{k}", grads[k], grads_exact[k]) for k in grads]:
         assert torch.isfinite(actual).all(), name
         # Sums over 66,600 positions in float32: 1e-4 of the largest entry.
         assert_close(actual, expected, 1e-4, 1e-4, name)
@@ -218,29 +172,32 @@ def test_return_last_state_is_the_final_hidden_state():
     torch.testing.assert_close(last, hs[..., -1], rtol=0, atol=0)
 
 
-def test_grouped_B_with_one_group_equals_plain_B():
+def test_grouped_B_with_one_group_matches_the_loop():
     inputs = make_inputs(2, 3, 2, 40, torch.float32, True, True)
     B4 = inputs["B"].detach().unsqueeze(1).requires_grad_()
-    hs3 = reference(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["delta_bias"], True)
     hs4 = reference(inputs["u"], inputs["delta"], inputs["A"], B4, inputs["delta_bias"], True)
-    torch.testing.assert_close(hs4, hs3, rtol=0, atol=0)
+    exact = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    hs_exact = sequential_scan(exact["u"], exact["delta"], exact["A"], exact["B"], exact["delta_bias"], True)
+    assert_close(hs4, hs_exact, ROUNDING[torch.float32], FLOAT32_ATOL_OF_MAX, "hs")
     hs4.sum().backward()
-    hs3.sum().backward()
+    hs_exact.sum().backward()
     assert B4.grad.shape == (2, 1, 2, 40)
-    torch.testing.assert_close(B4.grad.squeeze(1), inputs["B"].grad, rtol=0, atol=0)
+    assert_close(B4.grad.squeeze(1), exact["B"].grad, ROUNDING[torch.float32], FLOAT32_ATOL_OF_MAX, "dB")
 
 
-def test_non_contiguous_inputs_and_broadcast_gradient_give_the_same_result():
+def test_non_contiguous_inputs_and_broadcast_gradient_match_the_loop():
     inputs = make_inputs(2, 3, 1, 30, torch.float32, True, True)
     transposed = {k: inputs[k].detach().transpose(0, -1).contiguous().transpose(0, -1) for k in ("u", "delta", "B")}
     assert not transposed["u"].is_contiguous()
-    hs = reference(transposed["u"], transposed["delta"], inputs["A"], transposed["B"], inputs["delta_bias"], True)
-    expected = reference(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["delta_bias"], True)
-    torch.testing.assert_close(hs, expected, rtol=0, atol=0)
+    u = transposed["u"].requires_grad_()
+    hs = reference(u, transposed["delta"], inputs["A"], transposed["B"], inputs["delta_bias"], True)
+    exact = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    expected = sequential_scan(exact["u"], exact["delta"], exact["A"], exact["B"], exact["delta_bias"], True)
+    assert_close(hs, expected, ROUNDING[torch.float32], FLOAT32_ATOL_OF_MAX, "hs")
     # hs.sum() hands the backward an expanded (stride 0) gradient.
-    (du,) = torch.autograd.grad(expected.sum(), inputs["u"], retain_graph=True)
-    (du_dense,) = torch.autograd.grad(expected, inputs["u"], torch.ones_like(expected))
-    torch.testing.assert_close(du, du_dense, rtol=0, atol=0)
+    (du,) = torch.autograd.grad(hs.sum(), u)
+    (du_exact,) = torch.autograd.grad(expected.sum(), exact["u"])
+    assert_close(du, du_exact, ROUNDING[torch.float32], FLOAT32_ATOL_OF_MAX, "du")
 
 
 @pytest.mark.parametrize("delta_softplus, with_bias", [(False, False), (True, True)])
@@ -316,17 +273,22 @@ def test_rejects_inputs_on_different_devices():
         selective_scan_fn(**{**_base(), "A": -torch.ones(3, 1, device="meta")})
 
 
-def test_forced_reference_backend_runs_the_reference(monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "reference")
+def test_forced_reference_backend_runs_the_reference():
     inputs = make_inputs(2, 3, 1, 20, torch.float32, True, True)
     args = (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["delta_bias"], True)
-    assert backend.select("selective_scan", inputs["u"]) is selective_scan_ref
-    torch.testing.assert_close(reference(*args), selective_scan_ref(*args), rtol=0, atol=0)
+    with backend.force("reference"):
+        assert backend.select("selective_scan", *args[:5]) is selective_scan_ref
+        hs = reference(*args)
+    exact = sequential_scan(*(t.detach().double() for t in args[:5]), True)
+    assert_close(hs, exact, ROUNDING[torch.float32], FLOAT32_ATOL_OF_MAX, "hs")
 
 
 def test_forced_cuda_backend_on_cpu_tensors_raises(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "cuda")
-    with pytest.raises(RuntimeError, match=f"{backend.ENV_VAR}=cuda"):
+    with pytest.raises(RuntimeError, match=f"{backend.ENV_VAR}=cuda was asked for, but selective_scan cannot run"):
+        selective_scan_fn(**_base())
+    monkeypatch.delenv(backend.ENV_VAR)
+    with backend.force("cuda"), pytest.raises(RuntimeError, match=r"backend.force\(.cuda.\) was asked for"):
         selective_scan_fn(**_base())
 
 

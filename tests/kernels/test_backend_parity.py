@@ -1,0 +1,208 @@
+"""Every registered backend of every op against one independent float64 definition: one parity test per op.
+
+Each test forces one backend with ``backend.force`` (and checks that the dispatcher picked it), runs the op's public
+entry point forward and backward, and compares with ``tests/kernels/parity.py`` (inputs, tolerance table and float64
+references). Backends:
+- ``reference``: always, on CPU tensors (on the GPU when there is one);
+- ``triton``: on the GPU when there is one, else on CPU tensors in Triton's interpreter. Triton reads TRITON_INTERPRET
+  only when it is imported, so without a GPU those tests run in a child pytest started with TRITON_INTERPRET=1
+  (``test_interpreted_triton_backend_passes_in_a_child_process``), about 2.5 min on 2 cores;
+- ``cuda``: on a GPU with the extension built, else skipped (the CUDA source is checked on the CPU by
+  test_cuda_emulated.py).
+The interpreter is slow (tens of microseconds per element and tap), so CPU shapes stay small; they still cover one
+position/pixel, chunk and tile boundaries, masked channels, planes smaller than the halo and non-square planes. GPUs
+add the model's stage shapes and long rows.
+"""
+
+import os
+
+import pytest
+import torch
+
+from spatial_mamba.ops import backend, depthwise_conv2d_replicate, selective_scan_fn
+
+from . import parity
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # the triton tests skip, saying why
+    INTERPRETED = False
+    HAS_TRITON = False
+else:
+    from tests.ops._triton_interpreter import INTERPRETED, assert_interpreted_tests_pass
+
+    HAS_TRITON = True
+
+GPU = torch.cuda.is_available()
+THIS_FILE = os.path.abspath(__file__)
+
+
+def _backend_params():
+    params = []
+    for name in backend.BACKENDS:
+        marks = []
+        if name == "cuda" and not GPU:
+            marks.append(pytest.mark.skip(reason="needs a CUDA GPU (the emulation tests cover the CUDA source)"))
+        if name == "triton" and not HAS_TRITON:
+            marks.append(pytest.mark.skip(reason="triton is not installed"))
+        elif name == "triton" and not GPU and not INTERPRETED:
+            marks.append(pytest.mark.skip(reason="no GPU: runs in the interpreter, in a child process"))
+        if name != "triton" and INTERPRETED:
+            marks.append(pytest.mark.skip(reason="triton was imported with TRITON_INTERPRET=1: triton tests only"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+BACKEND_PARAMS = _backend_params()
+
+
+def device_for(name: str) -> str:
+    return "cuda" if GPU and not (name == "triton" and INTERPRETED) else "cpu"
+
+
+def require(op: str, name: str, *tensors):
+    """Skips when ``name`` has no implementation of ``op`` or cannot run here; checks that the dispatcher picks it."""
+    if name not in backend.registered(op):
+        pytest.skip(f"no {name} implementation of {op} is registered")
+    ok, why = backend.is_available(op, name)
+    if not ok:
+        pytest.skip(f"{name} is unavailable here: {why}")
+    with backend.force(name, op):
+        assert backend.explain(op, *tensors).backend == name
+
+
+# ---------------------------------------------------------------------------------------------- selective scan
+
+SCAN_SHAPES = [(2, 3, 1), (2, 40, 7), (1, 5, 100), (2, 3, 256), (1, 3, 515), (1, 2, 1000)]
+# The four stages of Spatial-Mamba-T at 224, odd rows with idle warps, and a 1333x800 detection row at stride 4.
+GPU_SCAN_SHAPES = [(2, 128, 3136), (2, 256, 784), (2, 512, 196), (2, 1024, 49), (2, 24, 257), (3, 7, 1001)]
+GPU_SCAN_SHAPES += [(1, 4, 66_600), (2, 128, 66_600)]
+SCAN_CASES = [(shape, torch.float32, True, True) for shape in SCAN_SHAPES]
+SCAN_CASES += [((2, 3, 7), dtype, True, True) for dtype in (torch.float16, torch.bfloat16)]
+SCAN_CASES += [((2, 3, 515), dtype, True, True) for dtype in (torch.float16, torch.bfloat16)]
+SCAN_CASES += [((2, 3, 300), torch.float32, softplus, bias) for softplus, bias in [(False, False), (True, False)]]
+if GPU:
+    SCAN_CASES += [(shape, dtype, True, True) for shape in GPU_SCAN_SHAPES for dtype in parity.DTYPES]
+    SCAN_CASES += [((2, 16, 3136), torch.bfloat16, False, False)]
+
+
+def public_scan(u, delta, A, B, delta_bias, delta_softplus):
+    return selective_scan_fn(u, delta, A, B, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+
+@pytest.mark.parametrize("name", BACKEND_PARAMS)
+@pytest.mark.parametrize("shape, dtype, softplus, bias", SCAN_CASES, ids=str)
+def test_selective_scan_parity(name, shape, dtype, softplus, bias):
+    inputs, dhs = parity.scan_inputs(*shape, dtype, softplus, bias, device=device_for(name))
+    require("selective_scan", name, *inputs.values())
+    with backend.force(name, "selective_scan"):
+        hs, grads = parity.run_scan(public_scan, inputs, softplus, dhs)
+    parity.check_scan(hs, grads, inputs, softplus, dhs)
+
+
+# ------------------------------------------------------------------------------------------------ depthwise conv
+
+# (batch, C, H, W, kernel size, dilation): the SASF branches (3x3 at dilations 1, 3, 5) and the merged 11x11 kernel,
+# planes smaller than the padding, one pixel, several tiles in both directions.
+CONV_CASES = [
+    ((2, 3, 7, 9, 3, 1), torch.float32),
+    ((2, 3, 7, 9, 3, 3), torch.float32),
+    ((1, 2, 5, 6, 3, 5), torch.float32),
+    ((1, 1, 1, 1, 3, 3), torch.float32),
+    ((1, 1, 19, 70, 3, 1), torch.float32),
+    ((1, 1, 6, 13, 11, 1), torch.float32),
+    ((2, 3, 7, 9, 3, 3), torch.bfloat16),
+    ((2, 3, 7, 9, 3, 3), torch.float16),
+]
+if GPU:
+    planes = [(2, 8, 56, 56), (2, 16, 28, 28), (2, 64, 7, 7), (2, 3, 13, 37), (1, 2, 2, 3), (3, 2, 5, 70)]
+    CONV_CASES += [
+        ((*plane, k, d), dtype)
+        for plane in planes
+        for k, d in [(3, 1), (3, 3), (3, 5), (11, 1), (5, 2)]
+        for dtype in parity.DTYPES
+    ]
+
+
+@pytest.mark.parametrize("name", BACKEND_PARAMS)
+@pytest.mark.parametrize("case, dtype", CONV_CASES, ids=str)
+def test_dwconv2d_parity(name, case, dtype):
+    *shape, k, dilation = case
+    x, weight, dy = parity.conv_inputs(*shape, k, dtype, device=device_for(name))
+    require("dwconv2d", name, x, weight)
+    with backend.force(name, "dwconv2d"):
+        y, dx, dw = parity.run_conv(depthwise_conv2d_replicate, x, weight.to(dtype), dilation, dy)
+    # The public op takes the weight in x's dtype, as the model passes it.
+    low = ("dwconv2d", name) in parity.LOW_PRECISION_COMPUTE
+    parity.check_conv(y, dx, dw, x, weight.to(dtype), dilation, dy, low_precision_compute=low)
+
+
+# -------------------------------------------------------------------------------------------------- state fusion
+
+# (batch, C, H, W): a plane inside one tile, one pixel, one row, one column, planes within the halo of 5 in one or
+# both directions, several tiles across.
+# Two planes where the channel matters (taps per channel), one elsewhere: the interpreter runs programs one by one.
+FUSION_CASES = [
+    ((1, 2, 7, 9), torch.float32),
+    ((1, 1, 1, 1), torch.float32),
+    ((1, 1, 1, 6), torch.float32),
+    ((1, 1, 12, 1), torch.float32),
+    ((2, 1, 6, 4), torch.float32),
+    ((1, 1, 13, 70), torch.float32),
+    ((1, 1, 7, 9), torch.bfloat16),
+    ((1, 1, 7, 9), torch.float16),
+]
+if GPU:
+    planes = [(2, 8, 56, 56), (2, 16, 28, 28), (2, 32, 14, 14), (2, 64, 7, 7), (3, 2, 5, 70), (1, 4, 200, 334)]
+    FUSION_CASES += [(plane, dtype) for plane in planes for dtype in parity.DTYPES]
+
+
+def public_fusion(h, taps):
+    return backend.select("state_fusion", h, taps)(h, taps)
+
+
+@pytest.mark.parametrize("name", BACKEND_PARAMS)
+@pytest.mark.parametrize("shape, dtype", FUSION_CASES, ids=str)
+def test_state_fusion_parity(name, shape, dtype):
+    h, taps, dy = parity.fusion_inputs(*shape, dtype, device=device_for(name))
+    require("state_fusion", name, h, taps)
+    with backend.force(name, "state_fusion"):
+        out, dh, dtaps = parity.run_fusion(public_fusion, h, taps, dy)
+    parity.check_fusion(out, dh, dtaps, h, taps, dy)
+
+
+@pytest.mark.skipif(GPU or not HAS_TRITON or INTERPRETED, reason="runs the triton tests of this file in a child")
+def test_interpreted_triton_backend_passes_in_a_child_process():
+    assert_interpreted_tests_pass(THIS_FILE, keyword="triton and not child_process")
+
+
+# ------------------------------------------------------------------------------ the checks reject a wrong border
+
+
+def test_fusion_check_rejects_zero_padding():
+    # A backend that zero-pads instead of replicating the border must fail the parity check.
+    h, taps, dy = parity.fusion_inputs(1, 2, 9, 8, torch.float32)
+
+    def zero_padded(h, taps):
+        padded = torch.nn.functional.pad(h, (parity.FUSION_HALO,) * 4)
+        height, width = h.shape[-2:]
+        out = torch.zeros_like(h)
+        for k, (dy_, dx_) in enumerate(parity.FUSION_OFFSETS):
+            window = padded[..., 5 + dy_ : 5 + dy_ + height, 5 + dx_ : 5 + dx_ + width]
+            out = out + taps[:, k][None, :, None, None] * window
+        return out
+
+    out, dh, dtaps = parity.run_fusion(zero_padded, h, taps, dy)
+    with pytest.raises(AssertionError, match="out: max"):
+        parity.check_fusion(out, dh, dtaps, h, taps, dy)
+
+
+def test_conv_check_rejects_zero_padding():
+    x, weight, dy = parity.conv_inputs(1, 2, 9, 8, 3, torch.float32)
+
+    def zero_padded(x, weight, dilation):
+        return torch.nn.functional.conv2d(x, weight, padding=dilation, dilation=dilation, groups=x.shape[1])
+
+    y, dx, dw = parity.run_conv(zero_padded, x, weight, 3, dy)
+    with pytest.raises(AssertionError, match="y: max"):
+        parity.check_conv(y, dx, dw, x, weight, 3, dy)
