@@ -11,7 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ..checkpoint import checkpoint_filter_fn
 from .block import SpatialMambaLayer
@@ -25,7 +25,7 @@ def _is_traced() -> bool:
     """True under FX symbolic tracing, TorchScript, torch.compile and torch.export, where the eager input checks
     would see proxies or symbolic shapes (and the compiled graph checks shapes itself)."""
     return (
-        is_fx_tracing()
+        is_fx_symbolic_tracing()
         or torch.jit.is_scripting()
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
@@ -102,6 +102,8 @@ class SpatialMambaTrunk(nn.Module):
         if patch_size != 4:
             raise ValueError(f"the stem downsamples by 4; patch_size must be 4, got {patch_size}")
         depths = list(depths)
+        if not depths or any(not isinstance(d, int) or d < 1 for d in depths):
+            raise ValueError(f"depths must be a non-empty sequence of block counts >= 1, got {depths}")
         dims = _expand_dims(dims, len(depths))
         if d_state is None:
             d_state = math.ceil(dims[0] / 6)
@@ -131,8 +133,10 @@ class SpatialMambaTrunk(nn.Module):
                     use_checkpoint=use_checkpoint,
                 )
             )
+        # Each stage's feature is its last block's output, before the downsampling (which layers.{i} includes).
         self.feature_info = [
-            dict(num_chs=dims[i], reduction=4 * 2**i, module=f"layers.{i}") for i in range(len(depths))
+            dict(num_chs=dims[i], reduction=4 * 2**i, module=f"layers.{i}.blocks.{depths[i] - 1}")
+            for i in range(len(depths))
         ]
 
     @staticmethod
