@@ -105,7 +105,9 @@ def test_torch_compile_trains_and_evaluates_like_eager():
     torch.manual_seed(0)
     model = spatial_mamba.SpatialMamba(**NARROW)
     x = torch.randn(2, 3, 32, 32)
-    compiled = torch.compile(model)
+    # Static shapes: each stage's scan runs at its own length, and inductor fails on the reference scan's chunk
+    # layout once it generalises those lengths to symbols.
+    compiled = torch.compile(model, dynamic=False)
     model.train()
     compiled(x).logsumexp(1).mean().backward()
     compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
