@@ -1,12 +1,20 @@
-"""Reading checkpoints: the official training layout (SPEC §2.2), plain state dicts and DDP ``module.`` prefixes.
+"""Reading checkpoints: the official training layout (``save_checkpoint_ema`` in ``classification/utils/utils.py``
+of the official repository), plain state dicts and DDP ``module.`` prefixes.
 
 Official classification checkpoints pickle a yacs ``CfgNode`` under ``'config'``. With torch's ``weights_only``
 default such a file does not load; we allow-list exactly that class (and nothing else) instead of unpickling
 arbitrary objects, so loading a downloaded checkpoint never runs code from it.
+
+torch's own ``weights_only`` unpickler cannot rebuild a ``CfgNode`` (a dict subclass) at all, and timm loads
+``pretrained_cfg_overlay=dict(file=...)`` and ``checkpoint_path=`` with it. Importing this module therefore tells
+that unpickler to read ``yacs.config.CfgNode`` as a plain ``OrderedDict`` (its items and attributes, nothing
+executed), so official checkpoints load through timm's own paths too; the config then comes back as nested
+``OrderedDict``s.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -60,6 +68,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self._allowed[key]
         hint = " (install yacs)" if key == "yacs.config.CfgNode" else ""
         raise pickle.UnpicklingError(f"Unsupported global: {key}{hint}")
+
+
+# The stand-in for torch.load(weights_only=True), see the module docstring.
+torch.serialization.add_safe_globals([(collections.OrderedDict, "yacs.config.CfgNode")])
 
 
 class _restricted_pickle:  # a ``pickle_module`` for torch.load

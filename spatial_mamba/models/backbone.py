@@ -1,4 +1,5 @@
-"""Dense-prediction backbone: multi-scale NCHW feature maps with per-stage output norms (SPEC §2.4).
+"""Dense-prediction backbone: multi-scale NCHW feature maps with per-stage output norms (``Backbone_SpatialMamba``
+in ``detection/model.py`` of the official repository).
 
 The OpenMMLab wrappers in ``detection/`` and ``segmentation/`` only adapt this class to their registries.
 """
@@ -12,24 +13,28 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint
-from .spatial_mamba import SpatialMamba, check_image_batch
+from .spatial_mamba import SpatialMambaTrunk
 
 __all__ = ["SpatialMambaBackbone"]
 
 logger = logging.getLogger("spatial_mamba")
 
 
-class SpatialMambaBackbone(SpatialMamba):
+class SpatialMambaBackbone(SpatialMambaTrunk):
     """Spatial-Mamba without its head, returning the stage outputs at strides 4/8/16/32 as NCHW maps.
+
+    It shares the classifier's stem, stages and stage walk (and state-dict names) but never builds the final norm
+    or head, so it has no method that could reach them.
 
     Args:
         out_indices: stages whose (pre-downsampling) output is returned, each normalised by ``outnorm{i}``.
         pretrained: path of a classification checkpoint to load (official layout or plain state dict). Missing
             files, other architectures or widths raise :class:`CheckpointError`; ``None`` keeps the random init.
         norm_layer: ``"ln"`` (official: LayerNorm over channels) or ``"bn"`` (BatchNorm2d, which the official
-            code applied to channels-last tensors by mistake, SPEC §7.20).
+            code applied to channels-last tensors by mistake, README bug table, #20).
         key: checkpoint entry to load, ``"model"`` or ``"model_ema"``.
-        **kwargs: :class:`SpatialMamba` arguments (``dims``, ``depths``, ``d_state``, ``drop_path_rate``, ...).
+        **kwargs: :class:`SpatialMamba` architecture arguments (``dims``, ``depths``, ``d_state``,
+            ``drop_path_rate``, ...); anything else (``num_classes`` included) is a ``TypeError``.
     """
 
     def __init__(
@@ -40,8 +45,7 @@ class SpatialMambaBackbone(SpatialMamba):
         key: str = "model",
         **kwargs,
     ):
-        kwargs.pop("num_classes", None)
-        super().__init__(num_classes=0, **kwargs)
+        super().__init__(**kwargs)
         num_stages = len(self.layers)
         self.out_indices = tuple(int(i) for i in out_indices)
         if any(not 0 <= i < num_stages for i in self.out_indices):
@@ -52,7 +56,7 @@ class SpatialMambaBackbone(SpatialMamba):
         for i in self.out_indices:
             norm = nn.LayerNorm(self.dims[i]) if norm_layer == "ln" else nn.BatchNorm2d(self.dims[i])
             self.add_module(f"outnorm{i}", norm)
-        del self.head, self.norm, self.avgpool
+        self.apply(self._init_weights)
         if pretrained is not None:
             self.load_pretrained(pretrained, key)
 
@@ -72,25 +76,15 @@ class SpatialMambaBackbone(SpatialMamba):
         logger.info("backbone weights loaded from %s (key %r)", path, key)
 
     def forward(self, x: torch.Tensor) -> Union[List[torch.Tensor], torch.Tensor]:
-        check_image_batch(x, self.in_chans)
-        x = self.pos_drop(self.patch_embed(x))
-        outs = []
-        for i, layer in enumerate(self.layers):
-            x = layer.forward_blocks(x)
-            if i in self.out_indices:
-                norm = getattr(self, f"outnorm{i}")
-                if self.norm_layer == "ln":
-                    outs.append(norm(x).permute(0, 3, 1, 2).contiguous())
-                else:
-                    outs.append(norm(x.permute(0, 3, 1, 2).contiguous()))
-            if layer.downsample is not None:
-                x = layer.downsample(x)
+        # The walk stops after the last selected stage: the later stages would not contribute to any output.
+        x, features = self.walk_stages(x, sorted(self.out_indices), stop_early=True)
         if not self.out_indices:
             return x
+        outs = []
+        for i, feat in zip(sorted(self.out_indices), features):
+            norm = getattr(self, f"outnorm{i}")
+            if self.norm_layer == "ln":
+                outs.append(norm(feat).permute(0, 3, 1, 2).contiguous())
+            else:
+                outs.append(norm(feat.permute(0, 3, 1, 2).contiguous()))
         return outs
-
-    def forward_features(self, x: torch.Tensor):
-        return self.forward(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        raise NotImplementedError("SpatialMambaBackbone has no classification head; use SpatialMamba")

@@ -1,5 +1,5 @@
 """The MLLA-style macro block with the structure-aware SSM as its token mixer, and the stage that stacks them
-(SPEC §1.4)."""
+(``SpatialMambaBlock`` and ``SpatialMambaLayer`` in ``classification/models/spatialmamba.py``)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ class SpatialMambaBlock(nn.Module):
     ):
         super().__init__()
         self.cpe1 = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
-        self.ln_1 = nn.LayerNorm(hidden_dim)  # eps 1e-5: the layer overrides the block's 1e-6 default (SPEC §7.9)
+        self.ln_1 = nn.LayerNorm(
+            hidden_dim
+        )  # eps 1e-5: the layer overrides the block's 1e-6 default (README bug table, #9)
         self.self_attention = StructureAwareSSM(hidden_dim, d_state=d_state, dt_init=dt_init, dropout=attn_drop_rate)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.cpe2 = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)

@@ -1,4 +1,5 @@
-"""Convolutional building blocks shared with MLLA: the stem, the downsampling layer and the MLP (SPEC §1.2–§1.4)."""
+"""Convolutional building blocks shared with MLLA: the stem, the downsampling layer and the MLP
+(``classification/models/utils.py`` in the official repository)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class ConvLayer(nn.Module):
 
 
 class Stem(nn.Module):
-    """Image (B, 3, H, W) -> channels-last tokens (B, ceil(H/4), ceil(W/4), C1) (SPEC §1.2)."""
+    """Image (B, 3, H, W) -> channels-last tokens (B, ceil(H/4), ceil(W/4), C1)."""
 
     def __init__(self, in_chans: int = 3, embed_dim: int = 96):
         super().__init__()
@@ -61,7 +62,7 @@ class Stem(nn.Module):
 
 
 class DownSampling(nn.Module):
-    """MLLA's PatchMerging with ratio 4: (B, h, w, C) -> (B, ceil(h/2), ceil(w/2), 2C) (SPEC §1.3)."""
+    """MLLA's PatchMerging with ratio 4: (B, h, w, C) -> (B, ceil(h/2), ceil(w/2), 2C)."""
 
     def __init__(self, dim: int, ratio: float = 4.0):
         super().__init__()

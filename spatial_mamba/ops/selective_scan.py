@@ -293,6 +293,13 @@ def selective_scan_fn(
         raise ValueError(f"selective_scan_fn: all inputs must be on one device; got {[str(t.device) for t in tensors]}")
 
     u, delta, B = u.contiguous(), delta.contiguous(), B.contiguous()
+    # Export hook: torch.export / ONNX and TorchScript tracing need a graph with no Python loop over a length-dependent
+    # chunk count and no data-dependent branch; the export formulation computes the same states (float32-accurate).
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        from .selective_scan_export import selective_scan_export
+
+        hs = selective_scan_export(u, delta, A, B, delta_bias, delta_softplus)
+        return (hs, hs[..., -1]) if return_last_state else hs
     impl = backend.select("selective_scan", u, delta, A, B, delta_bias)
     if float64 and impl is not selective_scan_ref:
         raise TypeError(

@@ -1,4 +1,4 @@
-"""The dense-prediction backbone (SPEC §2.4)."""
+"""The dense-prediction backbone (``Backbone_SpatialMamba`` in the official ``detection/model.py``)."""
 
 import pytest
 import torch

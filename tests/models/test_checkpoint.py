@@ -1,4 +1,5 @@
-"""Loading checkpoints in the official layout (SPEC §2.2), plain and DDP-prefixed state dicts, and bad files."""
+"""Loading checkpoints in the official layout (``save_checkpoint_ema`` in the official
+``classification/utils/utils.py``), plain and DDP-prefixed state dicts, and bad files."""
 
 import pytest
 import torch

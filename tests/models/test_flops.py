@@ -1,4 +1,4 @@
-"""FLOPs and parameters counted like the official code (SPEC §1.8, §3c)."""
+"""FLOPs and parameters counted like the official code."""
 
 import subprocess
 import sys

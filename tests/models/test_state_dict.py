@@ -1,4 +1,4 @@
-"""The official state-dict layout (SPEC §2.1) and parameter counts (SPEC §1.8)."""
+"""The official state-dict layout and parameter counts (``classification/models/spatialmamba.py``, README)."""
 
 import math
 
@@ -13,7 +13,7 @@ def _bn(prefix):
 
 
 def official_keys(dims, depths, num_classes=1000):
-    """The key list and shapes as SPEC §2.1 writes them, built independently of the model code."""
+    """The official key list and shapes, written out independently of the model code."""
     c1 = dims
     keys = [("patch_embed.conv1.conv.weight", (c1 // 2, 3, 3, 3))] + _bn("patch_embed.conv1.norm")
     for j in range(2):
