@@ -44,6 +44,8 @@ def test_variant_files_give_the_official_models(variant, embed_dim, depths, drop
     c = load_config(VARIANTS / f"spatialmamba_{variant}.yaml")
     assert c.MODEL.SPATIALMAMBA.EMBED_DIM == embed_dim and list(c.MODEL.SPATIALMAMBA.DEPTHS) == depths
     assert c.MODEL.DROP_PATH_RATE == drop_path and c.TRAIN.MESA == mesa
+    # The official names: run folders are OUTPUT/<tiny|small|base>/TAG, so official run folders resume.
+    assert c.MODEL.NAME == variant
     assert (c.MODEL.SPATIALMAMBA.D_STATE, c.TRAIN.EPOCHS, c.TRAIN.WARMUP_EPOCHS) == (1, 300, 20)
 
 
@@ -83,7 +85,7 @@ def test_flags_override_opts_and_output_is_joined_with_name_and_tag():
     )  # fmt: skip
     c = get_config(args)
     assert c.DATA.BATCH_SIZE == 32
-    assert c.OUTPUT == "/runs/spatial_mamba_small/exp1"
+    assert c.OUTPUT == "/runs/small/exp1"  # the official run folder OUTPUT/MODEL.NAME/TAG
     assert c.AMP_ENABLE is False and c.TRAIN.ACCUMULATION_STEPS == 2 and c.TRAIN.USE_CHECKPOINT is True
     assert c.MODEL_EMA_DECAY == 0.99 and c.MODEL_EMA is True
 
