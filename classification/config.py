@@ -1,5 +1,6 @@
 """The configuration tree: every default in one place (``_C``, the official ``classification/config.py``), YAML
-files that override it (with ``BASE`` inheritance), then ``--opts KEY VALUE`` pairs and the command-line flags, in that order.
+files that override it (with ``BASE`` inheritance), then ``--opts KEY VALUE`` pairs and the command-line flags,
+in that order.
 
 Keys marked "ours" are not in the official tree; every other key keeps its official name and default. Keys the
 official tree carries but never reads (SimMIM and MoE leftovers) are kept so that official YAML files still load.
