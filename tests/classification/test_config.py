@@ -28,7 +28,7 @@ def test_defaults_are_the_official_ones():
     assert tuple(c.TRAIN.OPTIMIZER.BETAS) == (0.9, 0.999) and c.TRAIN.OPTIMIZER.EPS == 1e-8
     assert (c.AUG.MIXUP, c.AUG.CUTMIX, c.AUG.REPROB, c.AUG.AUTO_AUGMENT) == (0.8, 1.0, 0.25, "rand-m9-mstd0.5-inc1")
     assert (c.MODEL.LABEL_SMOOTHING, c.TRAIN.MESA, c.MODEL_EMA_DECAY, c.AMP_ENABLE) == (0.1, -1.0, 0.9999, True)
-    # The official default of 16 cannot run (SPEC §7.4); 1 is what every official YAML sets.
+    # The official default of 16 cannot run (README bug table, #4); 1 is what every official YAML sets.
     assert c.MODEL.SPATIALMAMBA.D_STATE == 1
 
 
@@ -91,7 +91,7 @@ def test_flags_override_opts_and_output_is_joined_with_name_and_tag():
 
 
 def test_lr_is_scaled_by_total_batch_over_512():
-    # The README's launch: 8 processes x 128 = 1024 -> lr 1e-3, warm-up 1e-6, min 1e-5 (SPEC §4.3).
+    # The README's launch: 8 processes x 128 = 1024 -> lr 1e-3, warm-up 1e-6, min 1e-5 (official main.py).
     args = args_for("--cfg", str(VARIANTS / "spatialmamba_tiny.yaml"), "--tag", "t")
     c = scaled_config(get_config(args), world_size=8)
     assert c.TRAIN.BASE_LR == pytest.approx(1e-3)
