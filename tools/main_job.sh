@@ -7,12 +7,17 @@
 #   bash tools/main_job.sh --data-path /imagenet --cfg classification/configs/spatialmamba/spatialmamba_tiny.yaml
 #
 # Every argument goes to classification/main.py (relative paths are relative to where you run this). Environment:
-# NPROC processes (default 2), OUTPUT root (default output/main_job), TAG run name (default main_job). Running it
-# again with the same TAG continues (auto-resume) rather than starting over.
+# NPROC processes (default 2), OUTPUT root (default output/main_job), TAG run name (default main_job), DIGITS_DIR
+# and DIGITS_SIZE where and at what size the digits are written (default output/digits_imagefolder, 32 px),
+# SKIP_SETUP=1 to use the existing .venv as it is. Running it again with the same TAG continues (auto-resume) rather
+# than starting over. A short run (what the test suite does):
+#   DIGITS_SIZE=16 bash tools/main_job.sh --opts DATA.IMG_SIZE 16 TRAIN.EPOCHS 2 TRAIN.WARMUP_EPOCHS 0
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/tools/setup_env.sh"
+if [ "${SKIP_SETUP:-0}" != "1" ]; then
+  bash "$ROOT/tools/setup_env.sh"
+fi
 PY="$ROOT/.venv/bin/python"
 
 NPROC="${NPROC:-2}"
@@ -36,8 +41,8 @@ while [ $# -gt 0 ]; do
 done
 
 if [ -z "$DATA" ]; then
-  DATA="$ROOT/output/digits_imagefolder"
-  "$PY" "$ROOT/tools/make_digits_imagefolder.py" "$DATA"
+  DATA="${DIGITS_DIR:-$ROOT/output/digits_imagefolder}"
+  "$PY" "$ROOT/tools/make_digits_imagefolder.py" "$DATA" --size "${DIGITS_SIZE:-32}"
 fi
 
 START=$(date +%s)
