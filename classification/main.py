@@ -237,6 +237,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         if model_ema is not None:
             model_ema.module.load_state_dict(checkpoint["model_ema"])
         logger.info("loaded the weights of %s%s", ckpt_path, " (and its EMA)" if model_ema is not None else "")
+        logger.info("weights fingerprint after loading %s", weights_fingerprint(model))
 
     if not training:
         validate(config, loader_val, model, amp)

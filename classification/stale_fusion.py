@@ -21,7 +21,7 @@ from torch import nn
 from spatial_mamba.models import StateFusion
 from spatial_mamba.ops import state_fusion
 
-__all__ = ["freeze_fusion_kernels_at_first_eval", "weights_fingerprint"]
+__all__ = ["freeze_fusion_kernels_at_first_eval", "weights_fingerprint", "state_fingerprint"]
 
 _KERNELS = ("kernel_3", "kernel_3_1", "kernel_3_2")
 
@@ -62,8 +62,13 @@ def freeze_fusion_kernels_at_first_eval(*models: nn.Module | None) -> int:
 
 def weights_fingerprint(model: nn.Module) -> str:
     """A short hash of every parameter and buffer: equal on all ranks exactly when their weights are equal."""
+    return state_fingerprint(model.state_dict())
+
+
+def state_fingerprint(state_dict) -> str:
+    """:func:`weights_fingerprint` of a state dict (e.g. the ``model`` entry of a checkpoint)."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state_dict.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -63,7 +63,7 @@ END=$(date +%s)
 line() { grep -o "Accuracy of the $1 on the [0-9]* test images: [0-9.]*%" "$EVAL_LOG" | tail -n 1; }
 TOP1="$(line network | grep -o '[0-9.]*%$')"
 IMAGES="$(line network | grep -o 'the [0-9]* test' | grep -o '[0-9]*')"
-TOP1_EMA="$(line 'EMA network' | grep -o '[0-9.]*%$' || true)"
+TOP1_EMA="$(line 'network ema' | grep -o '[0-9.]*%$' || true)"
 cat <<EOF
 
 ================ main job done ================
