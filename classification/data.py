@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data import auto_augment as timm_auto_augment
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
@@ -319,7 +319,10 @@ def build_loader(config, dist_info: DistInfo, train: bool = True):
         persistent_workers=config.DATA.PERSISTENT_WORKERS and workers > 0,
     )
     dataset_val = build_dataset(False, config, dist_info.rank, world)
-    sampler_val = ShardSampler(len(dataset_val), dist_info.rank, world)
+    if config.TEST.SEQUENTIAL:  # official: every rank evaluates the whole val set in order
+        sampler_val = SequentialSampler(dataset_val)
+    else:
+        sampler_val = ShardSampler(len(dataset_val), dist_info.rank, world)
     loader_val = DataLoader(dataset_val, batch_size=batch, sampler=sampler_val, drop_last=False, **common)
     if not train:
         logger.info("data: %d val images from %r", len(dataset_val), config.DATA.DATA_PATH)
