@@ -1,6 +1,6 @@
 """Training checkpoints in the official layout and names (official ``classification/utils/utils.py``),
-written atomically, and the ways to read them
-back: ``--resume`` and auto-resume (everything), ``--pretrained`` (weights of the model and its EMA).
+written atomically, and the ways to read them back: ``--resume`` and auto-resume (everything), ``--pretrained``
+(weights of the model and its EMA).
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over the old one, so a
 kill during a save leaves the previous file intact. Both spellings of the best EMA accuracy are written: the
