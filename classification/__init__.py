@@ -1,4 +1,5 @@
-"""ImageNet-1K classification with Spatial-Mamba: the official training recipe (SPEC §4) on top of ``spatial_mamba``.
+"""ImageNet-1K classification with Spatial-Mamba: the official training recipe (official ``classification/main.py``)
+on top of ``spatial_mamba``.
 
 Run it the official way, from this folder::
 

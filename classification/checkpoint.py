@@ -1,10 +1,16 @@
-"""Training checkpoints in the official layout and names (SPEC §2.2), written atomically, and the ways to read them
-back: ``--resume`` and auto-resume (everything), ``--pretrained`` (weights of the model and its EMA).
+"""Training checkpoints in the official layout and names (official ``classification/utils/utils.py``),
+written atomically, and the ways to read them back: ``--resume`` and auto-resume (everything), ``--pretrained``
+(weights of the model and its EMA).
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over the old one, so a
 kill during a save leaves the previous file intact. Both spellings of the best EMA accuracy are written: the
 official misspelled ``max_accuray_ema`` (which official tools read) and ``max_accuracy_ema``; either is read back,
-where the official code looked up the correct one it never wrote and reset the value on every resume (SPEC §7.14).
+where the official code looked up the correct one it never wrote and reset the value on every resume (README bug
+table, #14).
+
+``--resume`` and ``--pretrained`` also take a URL (``https://``, ``http://``, ``file://``), as the official
+``--resume`` took ``https`` URLs: the file is downloaded once into torch's hub cache (``$TORCH_HOME/hub/checkpoints``)
+and read from there.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import logging
 import os
 import re
 import tempfile
+import urllib.error
+import urllib.parse
 from typing import Any, Dict, Mapping
 
 import torch
@@ -30,6 +38,8 @@ __all__ = [
     "check_fits",
     "read_checkpoint",
     "best_ema_accuracy",
+    "is_url",
+    "fetch",
 ]
 
 LATEST, BEST, BEST_EMA = "latest_ckpt.pth", "best_ckpt.pth", "best_ckpt_ema.pth"
@@ -154,13 +164,35 @@ def check_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source:
     raise CheckpointError(f"{source} does not fit the model the config builds: {', '.join(details)}")
 
 
+def is_url(path: str) -> bool:
+    return urllib.parse.urlparse(str(path)).scheme in ("http", "https", "file")
+
+
+def fetch(path: str) -> str:
+    """A local file for ``path``: the path itself, or for a URL its copy in torch's hub cache (downloaded once)."""
+    if not is_url(path):
+        return path
+    name = os.path.basename(urllib.parse.urlparse(path).path)
+    if not name:
+        raise CheckpointError(f"checkpoint URL {path!r} names no file (it must end with the file name)")
+    local = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if not os.path.isfile(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        logger.info("downloading %s to %s", path, local)
+        try:
+            torch.hub.download_url_to_file(path, local, progress=False)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise CheckpointError(f"could not download checkpoint {path!r}: {err}") from err
+    return local
+
+
 def read_checkpoint(path: str, model: nn.Module, model_ema: nn.Module | None) -> Dict[str, Any]:
     """Loads ``path`` and checks that its weights (and EMA weights) fit ``model`` before anything is changed.
 
     Returns the checkpoint dict with ``model`` and ``model_ema`` replaced by the checked state dicts; a file
     without EMA weights gives its model weights for the EMA (as the official loader does).
     """
-    checkpoint = load_file(path)
+    checkpoint = load_file(fetch(path))
     source = f"checkpoint {path!r}"
     state_dict = extract_state_dict(checkpoint, "model", source=source)
     check_fits(model, state_dict, source)

@@ -1,5 +1,6 @@
-"""The configuration tree: every default in one place (``_C``, SPEC §4.1), YAML files that override it (with ``BASE``
-inheritance), then ``--opts KEY VALUE`` pairs and the command-line flags, in that order.
+"""The configuration tree: every default in one place (``_C``, the official ``classification/config.py``), YAML
+files that override it (with ``BASE`` inheritance), then ``--opts KEY VALUE`` pairs and the command-line flags,
+in that order.
 
 Keys marked "ours" are not in the official tree; every other key keeps its official name and default. Keys the
 official tree carries but never reads (SimMIM and MoE leftovers) are kept so that official YAML files still load.
@@ -59,14 +60,14 @@ _C.MODEL.MMCKPT = False  # unused
 
 _C.MODEL.SPATIALMAMBA = CN()
 _C.MODEL.SPATIALMAMBA.PATCH_SIZE = 4
-_C.MODEL.SPATIALMAMBA.IMAGE_SIZE = 224  # unused: the model takes any input size (SPEC §7.24)
+_C.MODEL.SPATIALMAMBA.IMAGE_SIZE = 224  # unused: the model takes any input size (README bug table, #24)
 _C.MODEL.SPATIALMAMBA.IN_CHANS = 3
 _C.MODEL.SPATIALMAMBA.DEPTHS = [2, 4, 8, 4]
 _C.MODEL.SPATIALMAMBA.EMBED_DIM = 64
-# The official default is 16, which its scan kernel cannot run (SPEC §7.4); every official YAML sets 1.
+# The official default is 16, which its scan kernel cannot run (README bug table, #4); every official YAML sets 1.
 _C.MODEL.SPATIALMAMBA.D_STATE = 1
 _C.MODEL.SPATIALMAMBA.MLP_RATIO = 4.0
-_C.MODEL.SPATIALMAMBA.DT_INIT = "random"
+_C.MODEL.SPATIALMAMBA.DT_INIT = "random"  # random | constant | simple | zero (the official choices)
 
 # -----------------------------------------------------------------------------
 # Training
@@ -103,6 +104,10 @@ _C.TRAIN.MOE = CN()
 _C.TRAIN.MOE.SAVE_MASTER = False  # unused
 # MESA (EMA self-distillation): weight of the EMA-teacher loss from 25% of training on; <= 0 turns it off.
 _C.TRAIN.MESA = -1.0
+# Ours, off by default: reproduce the official training dynamics of README bug table #1 bit for bit, i.e. evaluate
+# (validation, best-checkpoint choice, EMA, MESA teacher) with each state-fusion kernel frozen at its first
+# evaluation in the process. Only for comparing with official training logs; the trained weights are not affected.
+_C.TRAIN.STALE_FUSION_KERNEL = False
 
 # -----------------------------------------------------------------------------
 # Augmentation (timm's implementations)
@@ -125,8 +130,8 @@ _C.AUG.MIXUP_MODE = "batch"
 # -----------------------------------------------------------------------------
 _C.TEST = CN()
 _C.TEST.CROP = True  # resize to IMG_SIZE/0.875, then center-crop IMG_SIZE
-_C.TEST.SEQUENTIAL = False  # unused: validation always shards the val set without padding
-_C.TEST.SHUFFLE = False
+_C.TEST.SEQUENTIAL = False  # every rank evaluates the whole val set in order (else: each image on one rank)
+_C.TEST.SHUFFLE = False  # order of the val images: no effect on the accuracy, so not used
 
 # -----------------------------------------------------------------------------
 # Misc
@@ -200,6 +205,19 @@ def _merge_dict(cfg: CN, values: dict, source: str, prefix: str = "") -> None:
             cfg[name] = _coerce(value, cfg[name], full_key, source)
 
 
+def _yaml_error_message(cfg_file: str, err: yaml.YAMLError) -> str:
+    """One line naming the file, the line and column, what the parser found and what it expected."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    context = getattr(err, "context", None)
+    found = f"{problem} ({context})" if context else problem
+    return (
+        f"config file {cfg_file!r} is not valid YAML{where}: {found}; expected a mapping of config keys, "
+        f"one 'KEY: value' per line, nested sections indented by two spaces (e.g. 'MODEL:' then '  NAME: tiny')"
+    )
+
+
 def _merge_file(cfg: CN, cfg_file: str, seen: tuple = ()) -> None:
     """Merges a YAML file, after the files named in its ``BASE`` list (paths relative to the file)."""
     cfg_file = os.path.abspath(cfg_file)
@@ -211,9 +229,12 @@ def _merge_file(cfg: CN, cfg_file: str, seen: tuple = ()) -> None:
         try:
             values = yaml.safe_load(f) or {}
         except yaml.YAMLError as err:
-            raise UsageError(f"config file {cfg_file!r} is not valid YAML: {err}") from err
+            raise UsageError(_yaml_error_message(cfg_file, err)) from None
     if not isinstance(values, dict):
-        raise UsageError(f"config file {cfg_file!r} must hold a mapping of keys, got {type(values).__name__}")
+        raise UsageError(
+            f"config file {cfg_file!r} must hold a mapping of config keys (e.g. 'MODEL:' then '  NAME: tiny' "
+            f"on the next line), got a {type(values).__name__}"
+        )
     bases = values.pop("BASE", [""])
     for base in [bases] if isinstance(bases, str) else bases:
         if base:
@@ -266,6 +287,10 @@ def check_config(config: CN) -> None:
     )
     expect(sm.EMBED_DIM >= 1, f"MODEL.SPATIALMAMBA.EMBED_DIM must be >= 1, got {sm.EMBED_DIM}")
     expect(sm.D_STATE >= 1, f"MODEL.SPATIALMAMBA.D_STATE must be >= 1, got {sm.D_STATE}")
+    expect(
+        sm.DT_INIT in ("random", "constant", "simple", "zero"),
+        f"MODEL.SPATIALMAMBA.DT_INIT must be random, constant, simple or zero, got {sm.DT_INIT!r}",
+    )
     train = config.TRAIN
     expect(train.EPOCHS >= 1, f"TRAIN.EPOCHS must be >= 1, got {train.EPOCHS}")
     expect(

@@ -1,5 +1,5 @@
 """ImageNet-style data: the ImageFolder tree (or Swin's zip layout), the official train/eval transforms, distributed
-samplers and timm's Mixup/CutMix (SPEC §4.3).
+samplers and timm's Mixup/CutMix (the recipe of the official ``classification/data/build.py``).
 
 The data folder is checked before anything is built: a missing or empty folder, a val split whose classes differ
 from train, or more classes than MODEL.NUM_CLASSES each stop with a message naming the path.
@@ -14,9 +14,10 @@ import zipfile
 from typing import List, Tuple
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from timm.data import auto_augment as timm_auto_augment
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
@@ -29,12 +30,67 @@ __all__ = [
     "build_dataset",
     "build_transform",
     "build_mixup",
+    "posterize",
+    "use_safe_posterize",
     "check_data_path",
     "ShardSampler",
     "ZipImageDataset",
 ]
 
 logger = logging.getLogger("classification")
+
+
+def posterize(img: Image.Image, bits_to_keep, **_) -> Image.Image:
+    """Keeps the ``bits_to_keep`` high bits of every channel value; 0 bits kept gives a black image.
+
+    Pillow up to 12 computed ``value & ~(2 ** (8 - bits) - 1)``, which for 0 bits is 0 everywhere: a black image,
+    what the recipe behind the published numbers drew. Pillow 13 refuses 0 bits, and timm's RandAugment asks for
+    them (``PosterizeIncreasing`` at magnitude 10): we keep the old result for every Pillow version."""
+    bits = int(bits_to_keep)
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return Image.new(img.mode, img.size)  # every channel 0
+    return ImageOps.posterize(img, bits)
+
+
+def _augment_ops(transform):
+    """Every timm ``AugmentOp`` inside ``transform``: RandAugment and AugMix keep theirs in ``ops``, AutoAugment in
+    ``policy`` (a list of sub-policies, each a list of ops); a ``Compose`` is searched step by step."""
+    if isinstance(transform, timm_auto_augment.AugmentOp):
+        yield transform
+    elif isinstance(transform, transforms.Compose):
+        for step in transform.transforms:
+            yield from _augment_ops(step)
+    elif isinstance(transform, (timm_auto_augment.RandAugment, timm_auto_augment.AugMixAugment)):
+        for op in transform.ops:
+            yield from _augment_ops(op)
+    elif isinstance(transform, timm_auto_augment.AutoAugment):
+        for sub_policy in transform.policy:
+            for op in sub_policy:
+                yield from _augment_ops(op)
+
+
+def use_safe_posterize(transform) -> int:
+    """Makes every posterize op of the RandAugment/AutoAugment/AugMix policies in ``transform`` use :func:`posterize`
+    (0 bits -> black image, any Pillow); returns how many ops it changed."""
+    changed = 0
+    for op in _augment_ops(transform):
+        if op.aug_fn is timm_auto_augment.posterize or op.name.startswith("Posterize"):
+            op.aug_fn = posterize
+            changed += 1
+    return changed
+
+
+def _has_augment_policy(transform) -> bool:
+    policies = (timm_auto_augment.RandAugment, timm_auto_augment.AugMixAugment, timm_auto_augment.AutoAugment)
+    steps = transform.transforms if isinstance(transform, transforms.Compose) else [transform]
+    return any(isinstance(step, policies) for step in steps)
+
+
+def transform_uses_policy(config) -> bool:
+    """Whether AUG.AUTO_AUGMENT names a policy (``none`` or empty turns it off)."""
+    return config.AUG.AUTO_AUGMENT not in (None, "", "none")
 
 
 def build_transform(is_train: bool, config):
@@ -47,12 +103,18 @@ def build_transform(is_train: bool, config):
             input_size=img_size,
             is_training=True,
             color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
-            auto_augment=config.AUG.AUTO_AUGMENT if config.AUG.AUTO_AUGMENT not in (None, "", "none") else None,
+            auto_augment=config.AUG.AUTO_AUGMENT if transform_uses_policy(config) else None,
             re_prob=config.AUG.REPROB,
             re_mode=config.AUG.REMODE,
             re_count=config.AUG.RECOUNT,
             interpolation=config.DATA.INTERPOLATION,
         )
+        if transform_uses_policy(config) and not _has_augment_policy(transform):
+            raise RuntimeError(  # a timm release that builds its policies differently: do not train without the fix
+                f"AUG.AUTO_AUGMENT={config.AUG.AUTO_AUGMENT!r}: no RandAugment/AutoAugment/AugMix step found in "
+                f"timm's transform {transform}, so its posterize ops cannot be made safe"
+            )
+        use_safe_posterize(transform)
         if not resize_im:
             # CIFAR-sized images: a padded random crop instead of RandomResizedCrop (as the official code does).
             transform.transforms[0] = transforms.RandomCrop(img_size, padding=4)
@@ -257,7 +319,10 @@ def build_loader(config, dist_info: DistInfo, train: bool = True):
         persistent_workers=config.DATA.PERSISTENT_WORKERS and workers > 0,
     )
     dataset_val = build_dataset(False, config, dist_info.rank, world)
-    sampler_val = ShardSampler(len(dataset_val), dist_info.rank, world)
+    if config.TEST.SEQUENTIAL:  # official: every rank evaluates the whole val set in order
+        sampler_val = SequentialSampler(dataset_val)
+    else:
+        sampler_val = ShardSampler(len(dataset_val), dist_info.rank, world)
     loader_val = DataLoader(dataset_val, batch_size=batch, sampler=sampler_val, drop_last=False, **common)
     if not train:
         logger.info("data: %d val images from %r", len(dataset_val), config.DATA.DATA_PATH)

@@ -1,4 +1,7 @@
-"""One training epoch, validation and the throughput measurement of the official recipe (SPEC §4.3)."""
+"""One training epoch, validation and the throughput measurement of the official recipe (the official
+``classification/main.py``), logging the official lines word for word: scripts that parse official logs read ours.
+
+Extra information (the loss of the validation, the all-epochs ETA, images/s) goes on lines of its own."""
 
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("classification")
+
+MODEL_TIME_WARMUP = 50  # iterations of each epoch left out of the "model time" average (official)
 
 
 @dataclass(frozen=True)
@@ -145,11 +150,12 @@ def train_one_epoch(
     num_steps = len(data_loader)
     accum = config.TRAIN.ACCUMULATION_STEPS
     epochs = config.TRAIN.EPOCHS
-    # MESA: distil from the EMA teacher from 25% of training on (SPEC §4.3).
+    # MESA: distil from the EMA teacher from 25% of training on (official classification/main.py).
     mesa = config.TRAIN.MESA if epoch >= int(0.25 * epochs) else -1.0
     distill = SoftTargetCrossEntropy()
     params = [p for p in model.parameters() if p.requires_grad]
-    batch_time, data_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
+    batch_time, data_time, model_time = AverageMeter(), AverageMeter(), AverageMeter()
+    loss_meter, norm_meter, scale_meter = AverageMeter(), AverageMeter(), AverageMeter()
     images_seen = 0
     start = end = time.time()
     for idx, (samples, targets) in enumerate(data_loader):
@@ -185,6 +191,9 @@ def train_one_epoch(
         images_seen += targets.size(0)
         batch_time.update(time.time() - end)
         end = time.time()
+        scale_meter.update(loss_scaler.get_scale())
+        if idx > MODEL_TIME_WARMUP:  # as the official loop: the first iterations are not counted as model time
+            model_time.update(batch_time.val - data_time.val)
         lr = optimizer.param_groups[0]["lr"]
         if writer is not None and update:
             writer.add_scalar("train/loss", loss_value, step)
@@ -192,27 +201,29 @@ def train_one_epoch(
             if grad_norm is not None:
                 writer.add_scalar("train/grad_norm", float(grad_norm), step)
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
-            eta = batch_time.avg * (num_steps - idx - 1)
-            per_epoch = epoch_time_estimate or batch_time.avg * num_steps
-            eta_total = eta + per_epoch * (epochs - epoch - 1)
+            eta = batch_time.avg * (num_steps - idx)
+            wd = optimizer.param_groups[0]["weight_decay"]
+            # The official line, field for field (scripts parse it).
             logger.info(
                 f"Train: [{epoch}/{epochs}][{idx}/{num_steps}]\t"
-                f"eta {datetime.timedelta(seconds=int(eta))} (all epochs {datetime.timedelta(seconds=int(eta_total))}) "
-                f"lr {lr:.6f}\twd {optimizer.param_groups[0]['weight_decay']:.4f}\t"
+                f"eta {datetime.timedelta(seconds=int(eta))} lr {lr:.6f}\t wd {wd:.4f}\t"
                 f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
                 f"data time {data_time.val:.4f} ({data_time.avg:.4f})\t"
+                f"model time {model_time.val:.4f} ({model_time.avg:.4f})\t"
                 f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
                 f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
-                f"loss_scale {loss_scaler.get_scale():.1f}\tmem {_memory_mb(device):.0f}MB"
-                + (f"\tmesa {mesa}" if mesa > 0 else "")
+                f"loss_scale {scale_meter.val:.4f} ({scale_meter.avg:.4f})\t"
+                f"mem {_memory_mb(device):.0f}MB"
             )
     epoch_time = time.time() - start
+    per_epoch = epoch_time_estimate or epoch_time
+    remaining = datetime.timedelta(seconds=int(per_epoch * (epochs - epoch - 1)))
+    if mesa > 0:
+        logger.info(f"MESA: distilled from the EMA teacher with weight {mesa} in epoch {epoch}")
     world = dist.get_world_size() if dist.is_initialized() else 1
     throughput = images_seen * world / epoch_time
-    logger.info(
-        f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))} "
-        f"({throughput:.1f} images/s over all processes)"
-    )
+    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
+    logger.info(f"training speed {throughput:.1f} images/s over all processes; eta of the other epochs {remaining}")
     return {
         "loss": loss_meter.avg,
         "lr": optimizer.param_groups[0]["lr"],
@@ -223,7 +234,10 @@ def train_one_epoch(
 
 @torch.no_grad()
 def validate(config, data_loader, model: nn.Module, amp: Amp, name: str = "network") -> Dict[str, float]:
-    """Top-1/top-5 accuracy and loss over the whole val set, every image counted once across ranks."""
+    """Top-1/top-5 accuracy and loss over the whole val set, every image counted once across ranks.
+
+    ``name`` is the official wording: ``network`` or ``network ema``. With TEST.SEQUENTIAL every rank evaluates the
+    whole val set (the official sequential sampler), so the totals are not summed over ranks."""
     model.eval()
     device = next(model.parameters()).device
     criterion = nn.CrossEntropyLoss(reduction="sum")
@@ -247,7 +261,9 @@ def validate(config, data_loader, model: nn.Module, amp: Amp, name: str = "netwo
         )
     if dist.is_initialized() and dist.get_backend() == "nccl":
         totals = totals.to(torch.device("cuda", torch.cuda.current_device()))  # NCCL reduces GPU tensors only
-    totals = all_reduce_sum(totals).cpu()
+    if not config.TEST.SEQUENTIAL:
+        totals = all_reduce_sum(totals)
+    totals = totals.cpu()
     loss_sum, top1, top5, count = totals.tolist()
     count = int(count)
     result = {
@@ -256,10 +272,8 @@ def validate(config, data_loader, model: nn.Module, amp: Amp, name: str = "netwo
         "loss": loss_sum / max(count, 1),
         "count": count,
     }
-    logger.info(
-        f" * [{name}] Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} loss {result['loss']:.4f} "
-        f"({time.time() - start:.1f}s)"
-    )
+    logger.info(f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f}")
+    logger.info(f"validation of the {name}: loss {result['loss']:.4f}, {count} images, {time.time() - start:.1f}s")
     logger.info(f"Accuracy of the {name} on the {count} test images: {result['acc1']:.1f}%")
     return result
 
@@ -267,7 +281,7 @@ def validate(config, data_loader, model: nn.Module, amp: Amp, name: str = "netwo
 @torch.no_grad()
 def measure_throughput(config, model: nn.Module, images: torch.Tensor, amp: Amp) -> float:
     """Inference images/s the official way: THROUGHPUT_WARMUP untimed forwards, then THROUGHPUT_ITERS timed ones,
-    with the device synchronised around the timed loop (SPEC §4.3)."""
+    with the device synchronised around the timed loop (official classification/main.py ``throughput``)."""
     model.eval()
     device = images.device
 
@@ -288,8 +302,8 @@ def measure_throughput(config, model: nn.Module, images: torch.Tensor, amp: Amp)
         elapsed = time.perf_counter() - start
     batch = images.shape[0]
     throughput = config.THROUGHPUT_ITERS * batch / elapsed
-    logger.info(
-        f"throughput averaged with {config.THROUGHPUT_ITERS} times (after {config.THROUGHPUT_WARMUP} warm-up): "
-        f"batch_size {batch} throughput {throughput:.1f} images/s, max memory {_memory_mb(device):.0f}MB"
-    )
+    logger.info(f"throughput averaged with {config.THROUGHPUT_ITERS} times")
+    logger.info(f"batch_size {batch} throughput {throughput}")
+    logger.info(f"batch_size {batch} mem cost {_memory_mb(device)} MB")
+    logger.info(f"({config.THROUGHPUT_WARMUP} untimed warm-up forwards; throughput in images/s)")
     return throughput

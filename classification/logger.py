@@ -18,8 +18,11 @@ _FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(mes
 _LOGGERS = ("classification", "spatial_mamba", "py.warnings")
 
 
-def create_logger(output_dir: str, rank: int) -> logging.Logger:
+def create_logger(output_dir: str, rank: int, name: str | None = None) -> logging.Logger:
     """Appends to ``output_dir/log_rank{rank}.txt`` on every rank and prints to the console on rank 0.
+
+    Each record starts with ``[time name]``, where ``name`` is the model name (MODEL.NAME) as in the official logs;
+    without it, the logger's own name.
 
     Calling it again (a second run in the same process) replaces the handlers of the previous call."""
     logging.captureWarnings(True)
@@ -33,7 +36,8 @@ def create_logger(output_dir: str, rank: int) -> logging.Logger:
         console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
         handlers.append(console)
     for handler in handlers:
-        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+        fmt = _FORMAT if name is None else _FORMAT.replace("%(name)s", name.replace("%", "%%"))
+        handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%d %H:%M:%S"))
         handler._classification_run = True  # marks the handlers this function owns
     close_logger()
     for name in _LOGGERS:

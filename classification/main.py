@@ -1,4 +1,5 @@
-"""Train Spatial-Mamba on ImageNet-1K, evaluate checkpoints, measure throughput (the official ``main.py``, SPEC §4).
+"""Train Spatial-Mamba on ImageNet-1K, evaluate checkpoints, measure throughput (the official
+``classification/main.py``).
 
 Launch it as the official README does, with torchrun (one node or several), or as one plain process::
 
@@ -54,6 +55,7 @@ from classification.logger import FILE_ONLY, append_metrics, close_logger, creat
 from classification.models import build_model
 from classification.optim import build_optimizer, build_scheduler, lr_scale
 from classification.plot import plot_training_curves
+from classification.stale_fusion import freeze_fusion_kernels_at_first_eval, weights_fingerprint
 from spatial_mamba.checkpoint import CheckpointError
 from spatial_mamba.flops import count_flops, count_params
 
@@ -99,12 +101,19 @@ def parse_option(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory_limit_rate", type=float, default=-1, help="cap this process's GPU memory (0-1)")
     parser.add_argument("--ddp", type=str, choices=["torch"], default="torch", help="DDP implementation")
     parser.add_argument("--enable_persistance", action="store_true", help="persistent data-loader workers")
+    parser.add_argument(
+        "--enable_preload",
+        action="store_true",
+        help="official flag, accepted for official command lines; no effect here (use --zip --cache-mode to hold "
+        "the images in memory)",
+    )
     parser.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank", help="set by the launcher")
     return parser.parse_args(argv)
 
 
 def scaled_config(config, world_size: int):
-    """Scales BASE_LR, WARMUP_LR and MIN_LR by total batch / 512 (SPEC §4.3)."""
+    """Scales BASE_LR, WARMUP_LR and MIN_LR by total batch / 512 (and by the accumulation steps), as the official
+    ``classification/main.py`` does."""
     factor = lr_scale(config, world_size)
     config.defrost()
     config.TRAIN.BASE_LR *= factor
@@ -166,7 +175,9 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         raise UsageError("--eval and --throughput are separate modes: pass one of them")
 
     os.makedirs(config.OUTPUT, exist_ok=True)
-    create_logger(config.OUTPUT, dist_info.rank)
+    create_logger(config.OUTPUT, dist_info.rank, name=config.MODEL.NAME)
+    if args.enable_preload:
+        logger.warning("--enable_preload is accepted for official command lines and has no effect here")
     logger.info(
         "rank %d of %d (local rank %d) on %s; output %s",
         dist_info.rank,
@@ -198,6 +209,17 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         ema_device = torch.device("cpu") if config.MODEL_EMA_FORCE_CPU else None
         model_ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY, device=ema_device)
         logger.info("EMA of the weights with decay %g%s", config.MODEL_EMA_DECAY, " on the CPU" if ema_device else "")
+    # Every rank built the same initial weights (seeded with SEED alone): logged per rank so that it can be checked.
+    logger.info("initial weights fingerprint %s (rank %d)", weights_fingerprint(model), dist_info.rank)
+    if config.TRAIN.STALE_FUSION_KERNEL:
+        frozen = freeze_fusion_kernels_at_first_eval(model, model_ema.module if model_ema is not None else None)
+        logger.warning(
+            "TRAIN.STALE_FUSION_KERNEL is on: %d state-fusion modules evaluate with the kernel of their first "
+            "evaluation in this process, reproducing the official training dynamics (README bug table, #1); "
+            "validation accuracies, the best-checkpoint choice and the MESA teacher are those of the official code, "
+            "not of the current weights",
+            frozen,
+        )
     seed_everything(config.SEED, dist_info.rank)
 
     if config.THROUGHPUT_MODE:
@@ -215,11 +237,12 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         if model_ema is not None:
             model_ema.module.load_state_dict(checkpoint["model_ema"])
         logger.info("loaded the weights of %s%s", ckpt_path, " (and its EMA)" if model_ema is not None else "")
+        logger.info("weights fingerprint after loading %s", weights_fingerprint(model))
 
     if not training:
         validate(config, loader_val, model, amp)
         if model_ema is not None:
-            validate(config, loader_val, model_ema.module, amp, name="EMA network")
+            validate(config, loader_val, model_ema.module, amp, name="network ema")
         if not config.EVAL_MODE:
             logger.warning(
                 "--pretrained without --eval: evaluated and stopping (the official script went on to train a new "
@@ -276,7 +299,7 @@ def train(config, dist_info, model, model_ema, checkpoint, resuming, loader_trai
     elif checkpoint is not None:
         validate(config, loader_val, model_without_ddp, amp)
         if model_ema is not None:
-            validate(config, loader_val, model_ema.module, amp, name="EMA network")
+            validate(config, loader_val, model_ema.module, amp, name="network ema")
 
     writer = None
     if dist_info.is_main:
@@ -317,7 +340,8 @@ def train(config, dist_info, model, model_ema, checkpoint, resuming, loader_trai
         val = validate(config, loader_val, model_without_ddp, amp)
         improved = val["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, val["acc1"])
-        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        if improved:
+            logger.info(f"New max accuracy: {max_accuracy:.2f}%")  # official: printed on improvement only
         record = {
             "epoch": epoch,
             "train_loss": stats["loss"],
@@ -330,10 +354,10 @@ def train(config, dist_info, model, model_ema, checkpoint, resuming, loader_trai
         improved_ema = False
         if model_ema is not None:
             sync_buffers(model_ema.module, device)
-            val_ema = validate(config, loader_val, model_ema.module, amp, name="EMA network")
+            val_ema = validate(config, loader_val, model_ema.module, amp, name="network ema")
             improved_ema = val_ema["acc1"] > max_accuracy_ema
             max_accuracy_ema = max(max_accuracy_ema, val_ema["acc1"])
-            logger.info(f"Max accuracy ema: {max_accuracy_ema:.2f}%")
+            logger.info(f"best accuracy so far: {max_accuracy:.2f}% (EMA {max_accuracy_ema:.2f}%)")
             record.update(val_acc1_ema=val_ema["acc1"], val_acc5_ema=val_ema["acc5"])
         if dist_info.is_main:
             # latest_ckpt.pth goes last: it is what auto-resume continues from, so it must not claim a best

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import spatial_mamba
 
-from .config import UsageError
+try:
+    from .config import UsageError
+except ImportError:  # imported as the top-level ``models`` from classification/, as official user code does
+    from config import UsageError
 
-__all__ = ["build_model"]
+__all__ = ["build_model", "Backbone_SpatialMamba", "SpatialMamba"]
+
+# The official names, for user code written against the official ``classification/models`` package.
+Backbone_SpatialMamba = spatial_mamba.SpatialMambaBackbone
+SpatialMamba = spatial_mamba.SpatialMamba
 
 
 def build_model(config) -> spatial_mamba.SpatialMamba:
-    """``spatial_mamba.SpatialMamba`` with the arguments the official ``build_model`` passes (SPEC §4.1), and
-    TRAIN.USE_CHECKPOINT passed on, which the official code never did (SPEC §7.11)."""
+    """``spatial_mamba.SpatialMamba`` with the arguments the official ``build_model`` passes
+    (``classification/models/__init__.py``), and TRAIN.USE_CHECKPOINT passed on, which the official code never did
+    (README bug table, #11)."""
     if config.MODEL.TYPE != "spatial_mamba":
         raise UsageError(f"MODEL.TYPE must be 'spatial_mamba', got {config.MODEL.TYPE!r}")
     sm = config.MODEL.SPATIALMAMBA

@@ -1,4 +1,5 @@
-"""Optimizer, learning-rate scaling and schedule of the official recipe (SPEC §4.3)."""
+"""Optimizer, learning-rate scaling and schedule of the official recipe (official
+``classification/utils/optimizer.py`` and ``classification/utils/lr_scheduler.py``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def lr_scale(config, world_size: int) -> float:
 def split_weight_decay(model: nn.Module) -> Tuple[List[str], List[str]]:
     """Names of the parameters with and without weight decay, by the official rule: no decay for 1-D tensors,
     biases, names listed by ``model.no_weight_decay()`` and names containing a keyword of
-    ``model.no_weight_decay_keywords()``. So A_logs (D, 1) is decayed, as in the official runs (SPEC §7.10)."""
+    ``model.no_weight_decay_keywords()``. So A_logs (D, 1) is decayed, as in the official runs
+    (README bug table, #10)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     keywords = model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else ()
     decay, no_decay = [], []

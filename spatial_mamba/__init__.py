@@ -17,7 +17,11 @@ from .models import (
 
 __version__ = "0.1.0"
 
+# The official import name of the detection/segmentation backbone (classification/models/spatialmamba.py).
+Backbone_SpatialMamba = SpatialMambaBackbone
+
 __all__ = [
+    "Backbone_SpatialMamba",
     "VARIANTS",
     "CheckpointError",
     "SpatialMamba",

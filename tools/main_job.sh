@@ -7,12 +7,17 @@
 #   bash tools/main_job.sh --data-path /imagenet --cfg classification/configs/spatialmamba/spatialmamba_tiny.yaml
 #
 # Every argument goes to classification/main.py (relative paths are relative to where you run this). Environment:
-# NPROC processes (default 2), OUTPUT root (default output/main_job), TAG run name (default main_job). Running it
-# again with the same TAG continues (auto-resume) rather than starting over.
+# NPROC processes (default 2), OUTPUT root (default output/main_job), TAG run name (default main_job), DIGITS_DIR
+# and DIGITS_SIZE where and at what size the digits are written (default output/digits_imagefolder, 32 px),
+# SKIP_SETUP=1 to use the existing .venv as it is. Running it again with the same TAG continues (auto-resume) rather
+# than starting over. A short run (what the test suite does):
+#   DIGITS_SIZE=16 bash tools/main_job.sh --opts DATA.IMG_SIZE 16 TRAIN.EPOCHS 2 TRAIN.WARMUP_EPOCHS 0
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/tools/setup_env.sh"
+if [ "${SKIP_SETUP:-0}" != "1" ]; then
+  bash "$ROOT/tools/setup_env.sh"
+fi
 PY="$ROOT/.venv/bin/python"
 
 NPROC="${NPROC:-2}"
@@ -36,8 +41,8 @@ while [ $# -gt 0 ]; do
 done
 
 if [ -z "$DATA" ]; then
-  DATA="$ROOT/output/digits_imagefolder"
-  "$PY" "$ROOT/tools/make_digits_imagefolder.py" "$DATA"
+  DATA="${DIGITS_DIR:-$ROOT/output/digits_imagefolder}"
+  "$PY" "$ROOT/tools/make_digits_imagefolder.py" "$DATA" --size "${DIGITS_SIZE:-32}"
 fi
 
 START=$(date +%s)
@@ -58,7 +63,7 @@ END=$(date +%s)
 line() { grep -o "Accuracy of the $1 on the [0-9]* test images: [0-9.]*%" "$EVAL_LOG" | tail -n 1; }
 TOP1="$(line network | grep -o '[0-9.]*%$')"
 IMAGES="$(line network | grep -o 'the [0-9]* test' | grep -o '[0-9]*')"
-TOP1_EMA="$(line 'EMA network' | grep -o '[0-9.]*%$' || true)"
+TOP1_EMA="$(line 'network ema' | grep -o '[0-9.]*%$' || true)"
 cat <<EOF
 
 ================ main job done ================

@@ -69,8 +69,8 @@ class StructureAwareSSM(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if dt_init not in ("random", "constant"):
-            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if dt_init not in ("random", "constant", "simple", "zero"):
+            raise ValueError(f"dt_init must be 'random', 'constant', 'simple' or 'zero', got {dt_init!r}")
         d_inner = int(expand * d_model)
         dt_rank = math.ceil(d_model / 16)  # from the block width C, not d_inner (README bug table, #6)
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
@@ -84,6 +84,8 @@ class StructureAwareSSM(nn.Module):
         self.x_proj_weight = nn.Parameter(x_proj.weight.detach().clone())
         self.dt_projs_weight = nn.Parameter(self._dt_weight_init(dt_rank, d_inner, dt_init, dt_scale))
         self.dt_projs_bias = nn.Parameter(self._dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor))
+        if dt_init in ("simple", "zero"):  # official: these two replace the bias too, with the same law as the weight
+            self.dt_projs_bias.data = 0.1 * (torch.randn if dt_init == "simple" else torch.rand)(d_inner)
         # S4D-real init log(1..N); the official branch condition makes this the only init (README bug table, #8).
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.Ds = nn.Parameter(torch.ones(d_inner))
@@ -98,6 +100,10 @@ class StructureAwareSSM(nn.Module):
         std = dt_rank**-0.5 * dt_scale
         if dt_init == "constant":
             return torch.full((d_inner, dt_rank), std)
+        if dt_init == "simple":  # official: 0.1 * N(0, 1)
+            return 0.1 * torch.randn(d_inner, dt_rank)
+        if dt_init == "zero":  # official (despite the name): 0.1 * U[0, 1)
+            return 0.1 * torch.rand(d_inner, dt_rank)
         return torch.empty(d_inner, dt_rank).uniform_(-std, std)
 
     @staticmethod

@@ -28,7 +28,7 @@ def test_defaults_are_the_official_ones():
     assert tuple(c.TRAIN.OPTIMIZER.BETAS) == (0.9, 0.999) and c.TRAIN.OPTIMIZER.EPS == 1e-8
     assert (c.AUG.MIXUP, c.AUG.CUTMIX, c.AUG.REPROB, c.AUG.AUTO_AUGMENT) == (0.8, 1.0, 0.25, "rand-m9-mstd0.5-inc1")
     assert (c.MODEL.LABEL_SMOOTHING, c.TRAIN.MESA, c.MODEL_EMA_DECAY, c.AMP_ENABLE) == (0.1, -1.0, 0.9999, True)
-    # The official default of 16 cannot run (SPEC §7.4); 1 is what every official YAML sets.
+    # The official default of 16 cannot run (README bug table, #4); 1 is what every official YAML sets.
     assert c.MODEL.SPATIALMAMBA.D_STATE == 1
 
 
@@ -44,6 +44,8 @@ def test_variant_files_give_the_official_models(variant, embed_dim, depths, drop
     c = load_config(VARIANTS / f"spatialmamba_{variant}.yaml")
     assert c.MODEL.SPATIALMAMBA.EMBED_DIM == embed_dim and list(c.MODEL.SPATIALMAMBA.DEPTHS) == depths
     assert c.MODEL.DROP_PATH_RATE == drop_path and c.TRAIN.MESA == mesa
+    # The official names: run folders are OUTPUT/<tiny|small|base>/TAG, so official run folders resume.
+    assert c.MODEL.NAME == variant
     assert (c.MODEL.SPATIALMAMBA.D_STATE, c.TRAIN.EPOCHS, c.TRAIN.WARMUP_EPOCHS) == (1, 300, 20)
 
 
@@ -83,13 +85,13 @@ def test_flags_override_opts_and_output_is_joined_with_name_and_tag():
     )  # fmt: skip
     c = get_config(args)
     assert c.DATA.BATCH_SIZE == 32
-    assert c.OUTPUT == "/runs/spatial_mamba_small/exp1"
+    assert c.OUTPUT == "/runs/small/exp1"  # the official run folder OUTPUT/MODEL.NAME/TAG
     assert c.AMP_ENABLE is False and c.TRAIN.ACCUMULATION_STEPS == 2 and c.TRAIN.USE_CHECKPOINT is True
     assert c.MODEL_EMA_DECAY == 0.99 and c.MODEL_EMA is True
 
 
 def test_lr_is_scaled_by_total_batch_over_512():
-    # The README's launch: 8 processes x 128 = 1024 -> lr 1e-3, warm-up 1e-6, min 1e-5 (SPEC §4.3).
+    # The README's launch: 8 processes x 128 = 1024 -> lr 1e-3, warm-up 1e-6, min 1e-5 (official main.py).
     args = args_for("--cfg", str(VARIANTS / "spatialmamba_tiny.yaml"), "--tag", "t")
     c = scaled_config(get_config(args), world_size=8)
     assert c.TRAIN.BASE_LR == pytest.approx(1e-3)

@@ -52,7 +52,8 @@ def test_two_process_run_writes_checkpoints_logs_scalars_and_plot(straight):
     assert saved["TRAIN"]["BASE_LR"] == pytest.approx(0.5 * 4 * 2 / 512)  # scaled by the total batch / 512
     rank0, rank1 = ((run_dir / f"log_rank{r}.txt").read_text() for r in (0, 1))
     assert len(re.findall(r"Accuracy of the network on the 16 test images: [\d.]+%", rank0)) == 2
-    assert "rank 1 of 2" in rank1 and re.search(r"Train: \[1/2\]\[5/6\]\teta \S+ \(all epochs", rank0)
+    assert "rank 1 of 2" in rank1 and re.search(r"\] \(\S+ \d+\): INFO Train: \[1/2\]\[5/6\]\teta \S+ lr ", rank0)
+    assert re.search(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d tiny_test\] ", rank0, re.M)  # the model name, as official logs
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -108,12 +109,11 @@ def test_pretrained_eval_reproduces_the_logged_accuracy(straight, image_folder, 
     result = run_single([*args, "--pretrained", run_dir / "best_ckpt.pth", "--eval"])  # one process, no launcher
     assert result.returncode == 0, output_of(result)
 
-    def line(name):
-        match = re.search(rf"\* \[{name}\] Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)", result.stdout)
-        return tuple(map(float, match.groups()))
-
-    assert line("network") == (round(logged["val_acc1"], 3), round(logged["val_acc5"], 3), round(logged["val_loss"], 4))
-    assert line("EMA network")[0] == round(logged["val_acc1_ema"], 3)
+    official = [tuple(map(float, m)) for m in re.findall(r" \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)\n", result.stdout)]
+    losses = [float(m) for m in re.findall(r"validation of the network(?: ema)?: loss ([\d.]+)", result.stdout)]
+    assert official[0] == (round(logged["val_acc1"], 3), round(logged["val_acc5"], 3))  # the model, then its EMA
+    assert losses[0] == round(logged["val_loss"], 4)
+    assert official[1][0] == round(logged["val_acc1_ema"], 3)
     assert f"Accuracy of the network on the 16 test images: {logged['val_acc1']:.1f}%" in result.stdout
     assert not list((tmp_path / "tiny_test" / "eval").glob("*.pth"))
 
@@ -129,7 +129,7 @@ def test_throughput_under_the_official_launcher_exits_cleanly_on_every_rank(imag
             "--opts", "THROUGHPUT_WARMUP", "1", "THROUGHPUT_ITERS", "2"]  # fmt: skip
     result = run_torchrun(args, module="torch.distributed.launch")
     assert result.returncode == 0, output_of(result)
-    measured = re.findall(r"batch_size 4 throughput ([\d.]+) images/s", result.stdout)
+    measured = re.findall(r"batch_size 4 throughput ([\d.]+)\n", result.stdout)
     assert len(measured) == 1 and float(measured[0]) > 0
     assert "rank 1 has nothing to do" in (tmp_path / "tiny_test" / "tp" / "log_rank1.txt").read_text()
     assert not list((tmp_path / "tiny_test" / "tp").glob("*.pth"))
