@@ -201,6 +201,7 @@ def test_mmdet_get_flops_builds_our_detector_from_the_config(narrow_config, tmp_
 
 
 def test_mmdet_benchmark_loads_the_dataset_through_our_config(narrow_config, tmp_path):
+    pytest.importorskip("psutil", reason="mmdet's benchmark.py needs psutil (requirements-mm.txt)")
     # mmdet 3.3's inference benchmark moves the model to CUDA unconditionally; its dataloader and dataset benchmarks
     # run anywhere and check that the config's pipelines and imports work.
     out = _run_mmdet_tool(
