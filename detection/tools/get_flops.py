@@ -1,18 +1,11 @@
-"""Parameters and FLOPs of a Spatial-Mamba detector, custom ops included (see spatial_mamba.openmmlab.flops).
+"""Parameters and FLOPs of a Spatial-Mamba detector, custom ops included (see openmmlab_tools.cli.flops).
 
     python tools/get_flops.py CONFIG [--shape H W] [--cfg-options KEY=VALUE ...]
 
-The default input, 1280x800, is the one of the official numbers (SPEC §3c, §6).
+The default input, 1280x800, is the one of the official numbers (official README, detection results table).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import model  # noqa: E402,F401  registers MM_SpatialMamba in mmdet
-
-from spatial_mamba import openmmlab  # noqa: E402
+from openmmlab_tools import cli
 
 if __name__ == "__main__":
-    openmmlab.flops(default_shape=(1280, 800))
+    cli.flops(cli.MMDET)

@@ -1,17 +1,10 @@
 """Evaluates a Spatial-Mamba segmentor with mmseg.
 
-python tools/test.py CONFIG CHECKPOINT [--tta] [--work-dir DIR] [--cfg-options KEY=VALUE ...]
-                     [--launcher {none,pytorch,slurm,mpi}]
+python tools/test.py CONFIG CHECKPOINT [--out OUT] [--show] [--show-dir DIR] [--wait-time S] [--tta]
+                     [--work-dir DIR] [--cfg-options KEY=VALUE ...] [--launcher {none,pytorch,slurm,mpi}]
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import model  # noqa: E402,F401  registers MM_SpatialMamba in mmseg
-
-from spatial_mamba import openmmlab  # noqa: E402
+from openmmlab_tools import cli
 
 if __name__ == "__main__":
-    openmmlab.test()
+    cli.test(cli.MMSEG)

@@ -1,17 +1,10 @@
 """Trains a Spatial-Mamba segmentor with mmseg.
 
-python tools/train.py CONFIG [--work-dir DIR] [--amp] [--auto-scale-lr] [--resume [CKPT]]
+python tools/train.py CONFIG [--work-dir DIR] [--amp] [--auto-scale-lr] [--resume [CKPT]] [--data-path DIR]
                              [--cfg-options KEY=VALUE ...] [--launcher {none,pytorch,slurm,mpi}]
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import model  # noqa: E402,F401  registers MM_SpatialMamba in mmseg
-
-from spatial_mamba import openmmlab  # noqa: E402
+from openmmlab_tools import cli
 
 if __name__ == "__main__":
-    openmmlab.train()
+    cli.train(cli.MMSEG)

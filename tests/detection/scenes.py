@@ -93,3 +93,73 @@ def write_ade20k(root: Path, splits: Sequence[Tuple[str, int]], seed: int = 0, s
             name = f"ADE_{split}_{index:08d}"
             Image.fromarray(image).save(root / "images" / split / f"{name}.jpg", quality=95)
             Image.fromarray(labels).save(root / "annotations" / split / f"{name}.png")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The official tiny config with a narrow backbone, heads sized for a CPU, 96-pixel scenes resized to at most 128 pixels,
+# and a constant learning rate; the model structure, optimiser type and COCO metrics stay the config's own.
+MASK_RCNN_CONFIG = """
+_base_ = "{base}"
+data_root = "{data}/"
+metainfo = dict(classes={classes})
+model = dict(
+    backbone=dict(dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.0, pretrained={pretrained!r}),
+    neck=dict(in_channels=[16, 32, 64, 128], out_channels=32),
+    rpn_head=dict(in_channels=32, feat_channels=32),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=32),
+        bbox_head=dict(in_channels=32, fc_out_channels=64, num_classes=10),
+        mask_roi_extractor=dict(out_channels=32),
+        mask_head=dict(in_channels=32, conv_out_channels=32, num_classes=10),
+    ),
+    train_cfg=dict(rpn_proposal=dict(nms_pre=200, max_per_img=100), rcnn=dict(sampler=dict(num=64))),
+    # A barely trained detector scores below the default 0.05 and COCO evaluation of no boxes reports nothing.
+    test_cfg=dict(rpn=dict(nms_pre=200, max_per_img=100), rcnn=dict(score_thr=0.0)),
+)
+train_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+    dict(type="Resize", scale=(128, 96), keep_ratio=True),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="PackDetInputs"),
+]
+test_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="Resize", scale=(128, 96), keep_ratio=True),
+    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+    dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline,
+                 ann_file="annotations/instances_train2017.json", data_prefix=dict(img="train2017/")),
+)
+val_dataloader = dict(
+    num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=test_pipeline,
+                 ann_file="annotations/instances_val2017.json", data_prefix=dict(img="val2017/")),
+)
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + "annotations/instances_val2017.json")
+test_evaluator = val_evaluator
+# A constant, higher learning rate, so that a few dozen iterations learn something measurable.
+optim_wrapper = dict(optimizer=dict(lr=1e-3))
+param_scheduler = []
+randomness = dict(seed=0)
+train_cfg = dict(max_epochs=6, val_interval=100)
+default_hooks = dict(logger=dict(interval=4), checkpoint=dict(interval=6))
+"""
+
+
+def write_mask_rcnn_config(path: Path, data: Path, pretrained: Path | None) -> Path:
+    """Writes :data:`MASK_RCNN_CONFIG` for the scenes under ``data`` (``write_coco``); returns ``path``."""
+    path.write_text(
+        MASK_RCNN_CONFIG.format(
+            base=ROOT / "detection/configs/spatialmamba/mask_rcnn_spatialmamba_fpn_coco_tiny.py",
+            data=data,
+            classes=DIGIT_CLASSES,
+            pretrained=None if pretrained is None else str(pretrained),
+        )
+    )
+    return path

@@ -1,9 +1,8 @@
-"""MM_SpatialMamba in mmdet: registration, arguments, checkpoint loading and equality with the classifier (SPEC §2.4,
-§5.1, §7.16, §7.17). Narrow backbones on small inputs, CPU only."""
+"""MM_SpatialMamba in mmdet: registration through the configs, arguments, checkpoint loading and equality with the
+classifier (README bug table, #16 and #17). Narrow backbones on small inputs, CPU only."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +24,7 @@ CONFIGS = ROOT / "detection" / "configs" / "spatialmamba"
 NARROW = dict(dims=16, depths=(1, 1, 1, 1), d_state=1, drop_path_rate=0.0)
 
 
-def _load_tree_module(tree: str):
-    """Imports ``<tree>/model.py`` under a unique name (both trees call it ``model``)."""
-    spec = importlib.util.spec_from_file_location(f"{tree}_model", ROOT / tree / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_load_tree_module("detection")
+import spatial_mamba.openmmlab  # noqa: E402,F401  what the configs' custom_imports load: registers MM_SpatialMamba
 
 
 def _build(**kwargs):
@@ -165,7 +156,7 @@ def test_detector_init_weights_keeps_the_pretrained_backbone(tmp_path):
     _assert_holds_weights(detector.backbone, classifier)
 
 
-# Explicit arguments of each official config (SPEC §5.1).
+# Explicit arguments of each official config (official `detection/configs/spatialmamba/`).
 DETECTION_CONFIGS = {
     "mask_rcnn_spatialmamba_fpn_coco_tiny.py": (64, (2, 4, 8, 4), 0.2, [64, 128, 256, 512], 12, [8, 11]),
     "mask_rcnn_spatialmamba_fpn_coco_small.py": (64, (2, 4, 21, 5), 0.3, [64, 128, 256, 512], 12, [8, 11]),
@@ -195,10 +186,22 @@ def test_detection_config_has_the_official_backbone_schedule_and_optimiser(name)
     assert ("RandomChoice" in pipeline_types) == (epochs == 36)
 
 
-def test_mmdet_tree_needs_only_mmdet():
+def test_config_custom_imports_register_the_backbone_without_mmseg():
     code = (
-        "import sys; sys.modules['mmseg'] = None; sys.path.insert(0, 'detection'); import model; "
-        "from mmdet.registry import MODELS; assert MODELS.get('MM_SpatialMamba') is model.MMSpatialMamba"
+        "import sys; sys.modules['mmseg'] = None; from mmengine.config import Config; "
+        f"Config.fromfile({str(CONFIGS / 'mask_rcnn_spatialmamba_fpn_coco_small_3x.py')!r}); "
+        "from mmdet.registry import MODELS; cls = MODELS.get('MM_SpatialMamba'); "
+        "assert cls is not None and cls.__module__ == 'spatial_mamba.openmmlab', cls"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_model_package_imports_no_training_framework():
+    code = (
+        "import sys, spatial_mamba, spatial_mamba.models, spatial_mamba.checkpoint, spatial_mamba.flops; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('mmengine', 'mmcv', 'mmdet', 'mmseg', 'openmmlab_tools')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

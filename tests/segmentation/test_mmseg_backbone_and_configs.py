@@ -1,10 +1,11 @@
-"""MM_SpatialMamba in mmseg and the UPerNet configs: registration, official settings, and the multi-scale flip TTA
-of the official "ms" numbers (SPEC §5.2, §7.18)."""
+"""MM_SpatialMamba in mmseg and the UPerNet configs: registration through the configs, the official settings, where
+SyncBN sits, the multi-scale flip TTA of the official "ms" numbers, our tools' flags and mmseg's own analysis tools."""
 
 from __future__ import annotations
 
+import copy
 import importlib
-import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +26,20 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "segmentation" / "configs" / "spatialmamba"
 NARROW = dict(dims=16, depths=(1, 1, 1, 1), d_state=1, drop_path_rate=0.0)
 
-spec = importlib.util.spec_from_file_location("segmentation_model", ROOT / "segmentation" / "model.py")
-spec.loader.exec_module(importlib.util.module_from_spec(spec))
+import spatial_mamba.openmmlab  # noqa: E402,F401  what the configs' custom_imports load: registers MM_SpatialMamba
+from openmmlab_tools import cli  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "detection"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from narrow_upernet import write_config  # noqa: E402
+from scenes import write_ade20k  # noqa: E402
 
 
 def _config(variant: str) -> Config:
     return Config.fromfile(CONFIGS / f"upernet_spatialmamba_8xb2-160k_ade20k-512x512_{variant}.py")
 
 
-# Explicit arguments of each official config (SPEC §5.2).
+# Explicit arguments of each official config (official `segmentation/configs/spatialmamba/`).
 SEGMENTATION_CONFIGS = {
     "tiny": (64, (2, 4, 8, 4), 0.2, [64, 128, 256, 512], 256),
     "small": (64, (2, 4, 21, 5), 0.3, [64, 128, 256, 512], 256),
@@ -119,18 +125,62 @@ def test_swin_arguments_are_rejected_by_name_in_mmseg_too():
         MODELS.build(dict(type="MM_SpatialMamba", **NARROW, window_size=7))
 
 
-def test_mmseg_tree_needs_only_mmseg():
+def test_config_custom_imports_register_the_backbone_without_mmdet():
     code = (
-        "import sys; sys.modules['mmdet'] = None; sys.path.insert(0, 'segmentation'); import model; "
-        "from mmseg.registry import MODELS; assert MODELS.get('MM_SpatialMamba') is model.MMSpatialMamba"
+        "import sys; sys.modules['mmdet'] = None; from mmengine.config import Config; "
+        f"Config.fromfile({str(CONFIGS / 'upernet_spatialmamba_8xb2-160k_ade20k-512x512_small.py')!r}); "
+        "from mmseg.registry import MODELS; cls = MODELS.get('MM_SpatialMamba'); "
+        "assert cls is not None and cls.__module__ == 'spatial_mamba.openmmlab', cls"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_syncbn_sits_in_the_heads_and_sync_bn_torch_also_converts_the_backbone():
+    """What is synchronised where: the heads' SyncBN comes from mmseg's config (mmengine turns it into BatchNorm when
+    no launcher is used); the backbone's stem and downsampling BatchNorm stay per-GPU (README bug table, #19) unless
+    ``sync_bn='torch'``, which the runner applies to the whole model in a distributed run."""
+    from mmengine.model import convert_sync_batchnorm, revert_sync_batchnorm
+    from mmseg.registry import MODELS
+
+    cfg = _config("tiny")
+    cfg.model.backbone.update(NARROW, pretrained=None)
+    cfg.model.decode_head.update(in_channels=[16, 32, 64, 128], channels=16)
+    cfg.model.auxiliary_head.update(in_channels=64, channels=16)
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        segmentor = MODELS.build(cfg.model)
+
+    def syncbn(model):
+        return {n.split(".")[0] for n, m in model.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)}
+
+    backbone_bn = [n for n, m in segmentor.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert syncbn(segmentor) == {"decode_head", "auxiliary_head"} and backbone_bn
+    assert syncbn(convert_sync_batchnorm(copy.deepcopy(segmentor), "torch")) == {
+        "backbone",
+        "decode_head",
+        "auxiliary_head",
+    }
+    assert syncbn(revert_sync_batchnorm(segmentor)) == set()
+
+
+def test_distributed_syncbn_needs_a_gpu_in_this_torch():
+    """Why no test runs SyncBN synchronised: torch's SyncBatchNorm refuses CPU tensors once a process group exists
+    (checked with one gloo process; a second would not change the device check). When this test fails, torch has
+    gained CPU support and a two-process gloo test of the synchronised heads becomes possible."""
+    code = (
+        "import torch, torch.distributed as dist; "
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:29531', rank=0, world_size=1); "
+        "bn = torch.nn.SyncBatchNorm(4).train()\n"
+        "try:\n    bn(torch.randn(2, 4, 3, 3))\nexcept ValueError as e:\n    print('REFUSED', e)\n"
+        "dist.destroy_process_group()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "REFUSED SyncBatchNorm expected input tensor to be on GPU" in result.stdout, result.stdout
 
 
 def test_get_flops_counts_the_scan_and_the_merged_state_fusion_kernel(tmp_path, monkeypatch, capsys):
     from spatial_mamba import flops as flops_module
-    from spatial_mamba import openmmlab
 
     state_fusion_module = importlib.import_module("spatial_mamba.ops.state_fusion")  # the package re-exports a function
     config = tmp_path / "narrow.py"
@@ -140,12 +190,12 @@ def test_get_flops_counts_the_scan_and_the_merged_state_fusion_kernel(tmp_path, 
         " auxiliary_head=dict(in_channels=64))\n"
     )
     height, width = 128, 96
-    total = openmmlab.flops((height, width), [str(config)])
+    total = cli.flops(cli.MMSEG, [str(config), "--shape", str(height), str(width)])
     assert "Flops:" in capsys.readouterr().out
     monkeypatch.setattr(flops_module, "scan_flops", lambda *args: 0)
-    without_scan = openmmlab.flops((height, width), [str(config)])
+    without_scan = cli.flops(cli.MMSEG, [str(config), "--shape", str(height), str(width)])
     monkeypatch.setattr(state_fusion_module, "depthwise_conv2d_replicate", lambda h, weight, dilation: h.clone())
-    without_fusion = openmmlab.flops((height, width), [str(config)])
+    without_fusion = cli.flops(cli.MMSEG, [str(config), "--shape", str(height), str(width)])
 
     # Per block of stage i: the scan does 7·L·D·N multiply-adds (N = 1) and the merged 11x11 state-fusion kernel
     # 121·L·D; the official counter saw neither.
@@ -155,20 +205,73 @@ def test_get_flops_counts_the_scan_and_the_merged_state_fusion_kernel(tmp_path, 
 
 
 def test_test_script_tta_wraps_the_segmentor_and_swaps_in_the_tta_pipeline(tmp_path, monkeypatch):
-    from spatial_mamba import openmmlab
-
     built = []
 
     class Runner:
         def test(self):
             return {}
 
-    monkeypatch.setattr(openmmlab, "_build_runner", lambda cfg: built.append(cfg) or Runner())
+    monkeypatch.setattr(cli, "_build_runner", lambda cfg: built.append(cfg) or Runner())
     checkpoint = tmp_path / "iter_160000.pth"
     checkpoint.write_bytes(b"")
-    openmmlab.test([str(CONFIGS / "upernet_spatialmamba_8xb2-160k_ade20k-512x512_tiny.py"), str(checkpoint), "--tta"])
+    cli.test(
+        cli.MMSEG, [str(CONFIGS / "upernet_spatialmamba_8xb2-160k_ade20k-512x512_tiny.py"), str(checkpoint), "--tta"]
+    )
     (cfg,) = built
     assert cfg.model.type == "SegTTAModel" and cfg.model.module.type == "EncoderDecoder"
     assert cfg.model.module.backbone.pretrained is None  # the checkpoint holds every weight
     assert cfg.test_dataloader.dataset.pipeline == cfg.tta_pipeline
     assert cfg.load_from == str(checkpoint)
+
+
+def test_out_and_show_dir_write_label_maps_and_drawings_where_mmseg_does(tmp_path, monkeypatch):
+    built = []
+
+    class Runner:
+        def test(self):
+            return {}
+
+    monkeypatch.setattr(cli, "_build_runner", lambda cfg: built.append(cfg) or Runner())
+    checkpoint = tmp_path / "iter_160000.pth"
+    checkpoint.write_bytes(b"")
+    config = str(CONFIGS / "upernet_spatialmamba_8xb2-160k_ade20k-512x512_tiny.py")
+    cli.test(cli.MMSEG, [config, str(checkpoint), "--out", "preds", "--show-dir", "vis", "--wait-time", "1"])
+    (cfg,) = built
+    assert (cfg.test_evaluator.output_dir, cfg.test_evaluator.keep_results) == ("preds", True)
+    hook = cfg.default_hooks.visualization
+    assert (hook.type, hook.draw, hook.get("show", False)) == ("SegVisualizationHook", True, False)
+    assert cfg.visualizer.save_dir == "vis"
+
+
+# --- mmseg's own tools (shipped in the installed package) on our configs ---------------------------------------------
+def _run_mmseg_tool(tool: str, *args, cwd: Path) -> str:
+    """Runs ``mmseg/.mim/tools/<tool>`` unchanged, from outside the repository, with mmdet made unimportable: only
+    the config's ``custom_imports`` can register the backbone."""
+    import mmseg
+
+    path = Path(mmseg.__file__).parent / ".mim" / "tools" / tool
+    code = (
+        "import runpy, sys; sys.modules['mmdet'] = None; "
+        f"sys.argv = {[str(path), *map(str, args)]!r}; runpy.run_path({str(path)!r}, run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{tool} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory):
+    """The narrow UPerNet of the end-to-end test on two generated scenes."""
+    tmp = tmp_path_factory.mktemp("mmseg_tools")
+    write_ade20k(tmp / "ade", [("validation", 2)])
+    return tmp, write_config(tmp / "narrow.py", tmp / "ade")
+
+
+def test_mmseg_benchmark_runs_our_segmentor_from_the_config(narrow):
+    tmp, config = narrow
+    # mmseg's benchmark takes no --cfg-options and reports FPS only after 200 test images (too slow for CI on 2
+    # cores): here it runs our segmentor on the two scenes, and the result file says that no FPS was measured.
+    out = _run_mmseg_tool("analysis_tools/benchmark.py", config, "unused.pth", "--work-dir", tmp / "fps", cwd=tmp)
+    assert "Average fps of 1 evaluations" in out, out[-2000:]
+    (result,) = (tmp / "fps").glob("fps_*.json")
+    assert json.loads(result.read_text())["config"] == str(config)

@@ -1,4 +1,4 @@
-# Mask R-CNN + FPN, Spatial-Mamba-S, 1x schedule: the tiny config with the small backbone (SPEC §5.1).
+# Mask R-CNN + FPN, Spatial-Mamba-S, 1x schedule: the tiny config with the small backbone, as the official file.
 _base_ = "./mask_rcnn_spatialmamba_fpn_coco_tiny.py"
 
 model = dict(

@@ -1,4 +1,5 @@
-# Mask R-CNN + FPN, Spatial-Mamba-S, 3x multi-scale schedule: the tiny 3x config with the small backbone (SPEC §5.1).
+# Mask R-CNN + FPN, Spatial-Mamba-S, 3x multi-scale schedule: the tiny 3x config with the small backbone, as the
+# official file.
 _base_ = "./mask_rcnn_spatialmamba_fpn_coco_tiny_3x.py"
 
 model = dict(

@@ -1,12 +1,16 @@
-# Mask R-CNN + FPN, Spatial-Mamba-T, 1x schedule (12 epochs), 8 GPUs x 2 images (SPEC §5.1).
+# Mask R-CNN + FPN, Spatial-Mamba-T, 1x schedule (12 epochs), 8 GPUs x 2 images, as the official file.
 # Everything but the backbone comes from mmdet's Swin-T config: AdamW lr 1e-4, wd 0.05, decay_mult 0 for names
 # containing 'norm'; 1000-iteration linear warm-up, steps at epochs 8 and 11; Resize (1333, 800) + flip; COCO
 # bbox/segm metrics.
 _base_ = "mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py"
 
+# Registers MM_SpatialMamba (in mmengine's root registry, which mmdet's and mmseg's fall back to): any tool that
+# loads this config, ours or the installed package's own, can build the backbone.
+custom_imports = dict(imports=["spatial_mamba.openmmlab"], allow_failed_imports=False)
+
 model = dict(
     backbone=dict(
-        _delete_=True,  # drop the Swin arguments instead of passing them on (official bug, SPEC §7.16)
+        _delete_=True,  # drop the Swin arguments instead of passing them on (official bug; README bug table, #16)
         type="MM_SpatialMamba",
         dims=64,
         depths=(2, 4, 8, 4),

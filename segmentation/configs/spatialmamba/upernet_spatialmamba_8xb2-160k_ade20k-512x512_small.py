@@ -1,4 +1,4 @@
-# UPerNet, Spatial-Mamba-S, ADE20K: the tiny config with the small backbone (SPEC §5.2).
+# UPerNet, Spatial-Mamba-S, ADE20K: the tiny config with the small backbone, as the official file.
 _base_ = "./upernet_spatialmamba_8xb2-160k_ade20k-512x512_tiny.py"
 
 model = dict(
