@@ -97,6 +97,7 @@ class SpatialMambaTrunk(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         use_checkpoint: bool = False,
+        recompute_mixer: bool = True,
     ):
         super().__init__()
         if patch_size != 4:
@@ -133,6 +134,7 @@ class SpatialMambaTrunk(nn.Module):
                     use_checkpoint=use_checkpoint,
                 )
             )
+        self.set_mixer_recompute(recompute_mixer)
         # Each stage's feature is its last block's output, before the downsampling (which layers.{i} includes).
         self.feature_info = [
             dict(num_chs=dims[i], reduction=4 * 2**i, module=f"layers.{i}.blocks.{depths[i] - 1}")
@@ -166,6 +168,15 @@ class SpatialMambaTrunk(nn.Module):
         self.grad_checkpointing = enable
         for layer in self.layers:
             layer.use_checkpoint = enable
+
+    @torch.jit.ignore
+    def set_mixer_recompute(self, enable: bool = True) -> None:
+        """In training, each token mixer keeps only its input for the backward pass and recomputes the rest there
+        (on by default): about half the activation memory for a slower training step (README, "Performance")."""
+        self.recompute_mixer = bool(enable)
+        for module in self.modules():
+            if isinstance(module, StructureAwareSSM):
+                module.recompute = self.recompute_mixer
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -229,6 +240,7 @@ class SpatialMamba(SpatialMambaTrunk):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         use_checkpoint: bool = False,
+        recompute_mixer: bool = True,
         global_pool: str = "avg",
     ):
         if global_pool not in ("avg", ""):
@@ -246,6 +258,7 @@ class SpatialMamba(SpatialMambaTrunk):
             attn_drop_rate=attn_drop_rate,
             drop_path_rate=drop_path_rate,
             use_checkpoint=use_checkpoint,
+            recompute_mixer=recompute_mixer,
         )
         self.num_classes = num_classes
         self.global_pool = global_pool

@@ -113,8 +113,12 @@ class StructureAwareSSM(nn.Module):
         dt = dt.clamp(min=dt_init_floor)
         return dt + torch.log(-torch.expm1(-dt))
 
+    # Recompute the mixer in the backward pass instead of keeping its intermediates (see ``forward``); the model's
+    # ``set_mixer_recompute`` and its ``recompute_mixer`` argument switch it for every block.
+    recompute: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+        if self.recompute and self.training and torch.is_grad_enabled():
             # The backward recomputes the mixer from its input rather than keeping its intermediates, the size of 14
             # (B, L, d_inner) float tensors (in_proj's output, twice that width; the convolution's input and output;
             # u in two layouts; Δ before and after the softplus; the scan and fused states; the observation before

@@ -34,3 +34,27 @@ def test_saved_bytes_of_the_tiny_model_do_not_grow_past_the_benchmark_figure():
     model = timm.create_model("spatial_mamba_tiny", num_classes=1000)
     sizes = memory.saved_bytes(model, torch.randn(1, 3, 64, 64))
     assert sizes["activations"] <= TINY_B1_64_ACTIVATION_BYTES, sizes
+
+
+def test_mixer_recomputation_off_keeps_more_and_computes_the_same():
+    """``recompute_mixer=False`` trades memory for speed; outputs and gradients must not change."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "spatial_mamba_tiny", num_classes=10, dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.0
+    ).double()
+    x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+    recomputed = memory.saved_bytes(model, x)["activations"]
+    outputs = []
+    for enable in (True, False):
+        model.set_mixer_recompute(enable)
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        outputs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    kept = memory.saved_bytes(model, x)["activations"]
+    assert kept > 1.5 * recomputed, (kept, recomputed)
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=0, atol=0)
+    for a, b in zip(outputs[0][1], outputs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    unrecomputed = timm.create_model("spatial_mamba_tiny", dims=16, depths=(1, 1, 1, 1), recompute_mixer=False)
+    assert not any(m.recompute for m in unrecomputed.modules() if isinstance(m, StructureAwareSSM))
