@@ -1,7 +1,7 @@
 """Shared by the Triton backend tests (test_triton_*.py, tests/kernels/test_backend_parity.py). Import after triton.
 
 Triton reads TRITON_INTERPRET once, when it is imported, and importing spatial_mamba imports it (through timm and
-torchvision). In a session that imported it without the variable (plain ``pytest tests``), the tests marked
+torchvision). In a pytest process that imported it without the variable (plain ``pytest tests``), the tests marked
 ``needs_interpreter`` run in a child pytest started with TRITON_INTERPRET=1 (``assert_interpreted_tests_pass``);
 under ``TRITON_INTERPRET=1 pytest tests/ops/test_triton_*.py`` they run in this process instead, and the tests marked
 ``needs_compiler`` (ahead-of-time compiles for sm_90, which need no GPU) are skipped.

@@ -87,7 +87,7 @@ def test_reference_matches_sequential_loop_in_float64(length, states, delta_soft
 
 
 def test_reference_matches_sequential_loop_on_a_long_row():
-    # A 1333x800 detection image gives 334 x 200 tokens at stride 4; 66,600 is the brief's row length.
+    # A 1333x800 detection image gives 334 x 200 tokens at stride 4; the longest row a detection run scans.
     check_against_sequential(1, 2, 1, 66_600, torch.float64, True, True)
 
 
