@@ -36,7 +36,7 @@ def _frozen_output(frozen: Dict[int, Tuple[torch.Tensor, ...]]):
             )
         (h,) = inputs
         weights = frozen[id(module)]
-        fused = state_fusion(h.float(), *(w.float() for w in weights), merged=True)
+        fused = state_fusion(h.float(), *(w.float() for w in weights), path="merged")
         return fused.to(output.dtype)
 
     return hook

@@ -18,6 +18,7 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import DefaultScope  # noqa: E402
 
 from spatial_mamba import CheckpointError, SpatialMamba  # noqa: E402
+from spatial_mamba.models.spatial_mamba import SpatialMambaTrunk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "detection" / "configs" / "spatialmamba"
@@ -74,14 +75,15 @@ def test_swin_arguments_are_rejected_by_name_not_swallowed():
 
 
 def test_backbone_network_is_built_once(monkeypatch):
+    """The trunk (stem and stages, shared with the classifier) is built once (README bug table, #17)."""
     calls = []
-    original = SpatialMamba.__init__
+    original = SpatialMambaTrunk.__init__
 
     def counting_init(self, *args, **kwargs):
         calls.append(kwargs.get("dims"))
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(SpatialMamba, "__init__", counting_init)
+    monkeypatch.setattr(SpatialMambaTrunk, "__init__", counting_init)
     _build(**NARROW)
     assert calls == [16]
 
