@@ -120,6 +120,10 @@ def test_fusion_speedup_is_the_ratio_of_the_two_times(smoke, direction, path):
     # float32: the two compute the same sums in a different order (our CPU backward uses forward convolutions)
     assert ours["max_rel_diff_vs_baseline"] <= 1e-5
     assert ours["check_pass"] is True
+    # The one-pass op, timed once for both paths, against this path's baseline.
+    fused = section["fused"]["reference"]
+    assert fused["speedup_vs_baseline"] == pytest.approx(baseline_ms / fused["ms"], rel=1e-12)
+    assert fused["ms"] == report[f"fusion_{direction}"]["train"]["fused"]["reference"]["ms"]
     # The one-pass op has no CPU backend without the Triton interpreter: its rows say why.
     for name in ("cuda", "triton"):
         assert section["fused"][name]["available"] is False and section["fused"][name]["reason"]
