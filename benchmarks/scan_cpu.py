@@ -4,8 +4,8 @@
 
 Prints the best-of-``repeats`` forward and forward+backward times in ms per stage, and the total over the 18 blocks
 of T (2, 4, 8, 4 blocks per stage): wall-clock, and the process's CPU time (summed over threads), which is the steadier
-number on a shared machine. Inputs follow the model: float32 u, delta, B; A = -1 (d_state 1); delta_bias in
-[inverse-softplus(0.001), inverse-softplus(0.1)]; softplus on.
+number on a shared machine. Inputs follow the model: float32 u, delta, B; A = -1 (d_state 1); delta_bias as the model
+initialises it (``dt_bias_init``: the inverse softplus of dt, log-uniform in [0.001, 0.1]); softplus on.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from spatial_mamba.models.ssm import dt_bias_init
 from spatial_mamba.ops.selective_scan import selective_scan_ref
 
 # (Dn, L, blocks): Spatial-Mamba-T at 224x224 (the official ``spatialmamba_tiny`` config).
@@ -60,8 +61,7 @@ def main():
         delta = torch.randn(args.batch, channels, length).mul_(0.1).requires_grad_()
         A = torch.full((channels, 1), -1.0, requires_grad=True)
         B = torch.randn(args.batch, 1, length, requires_grad=True)
-        dt = torch.empty(channels).uniform_(0.001, 0.1)
-        delta_bias = (dt + torch.log(-torch.expm1(-dt))).requires_grad_()
+        delta_bias = dt_bias_init(channels, dt_min=0.001, dt_max=0.1).requires_grad_()
         dhs = torch.randn(args.batch, channels, 1, length)
 
         inputs = (u, delta, A, B, delta_bias, True)

@@ -14,7 +14,32 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import selective_scan_fn, state_fusion
 from ..ops.state_fusion import PATHS
 
-__all__ = ["StateFusion", "StructureAwareSSM"]
+__all__ = ["StateFusion", "StructureAwareSSM", "dt_bias_init"]
+
+
+def dt_bias_init(
+    d_inner: int,
+    dt_min: float = 0.001,
+    dt_max: float = 0.1,
+    dt_init_floor: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The initial ``dt_projs_bias`` of a mixer with ``d_inner`` channels: a float32 CPU tensor (d_inner,).
+
+    dt is log-uniform in [dt_min, dt_max], raised to at least ``dt_init_floor``, and the bias is its inverse softplus,
+    so that softplus(bias) == dt (the ``dt_projs_bias`` initialisation of ``classification/models/spatialmamba.py``
+    in the official repository, which is Mamba's). The draw is one ``torch.rand(d_inner)`` from ``generator``
+    (default: torch's global generator), so the model's initialisation follows ``torch.manual_seed``.
+    """
+    if isinstance(d_inner, bool) or not isinstance(d_inner, int) or d_inner < 1:
+        raise ValueError(f"dt_bias_init: d_inner must be a positive integer, got {d_inner!r}")
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"dt_bias_init: expected 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}")
+    log_min, log_max = math.log(dt_min), math.log(dt_max)
+    dt = torch.exp(torch.rand(d_inner, generator=generator) * (log_max - log_min) + log_min)
+    dt = dt.clamp(min=dt_init_floor)
+    # softplus^-1(dt) = log(exp(dt) - 1), written so that it stays accurate for small dt.
+    return dt + torch.log(-torch.expm1(-dt))
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -83,7 +108,7 @@ class StructureAwareSSM(nn.Module):
         x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.x_proj_weight = nn.Parameter(x_proj.weight.detach().clone())
         self.dt_projs_weight = nn.Parameter(self._dt_weight_init(dt_rank, d_inner, dt_init, dt_scale))
-        self.dt_projs_bias = nn.Parameter(self._dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor))
+        self.dt_projs_bias = nn.Parameter(dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor))
         if dt_init in ("simple", "zero"):  # official: these two replace the bias too, with the same law as the weight
             self.dt_projs_bias.data = 0.1 * (torch.randn if dt_init == "simple" else torch.rand)(d_inner)
         # S4D-real init log(1..N); the official branch condition makes this the only init (README bug table, #8).
@@ -105,13 +130,6 @@ class StructureAwareSSM(nn.Module):
         if dt_init == "zero":  # official (despite the name): 0.1 * U[0, 1)
             return 0.1 * torch.rand(d_inner, dt_rank)
         return torch.empty(d_inner, dt_rank).uniform_(-std, std)
-
-    @staticmethod
-    def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
-        # dt log-uniform in [dt_min, dt_max]; the bias is its inverse softplus so that softplus(bias) == dt.
-        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        return dt + torch.log(-torch.expm1(-dt))
 
     # Recompute the mixer in the backward pass instead of keeping its intermediates (see ``forward``); the model's
     # ``set_mixer_recompute`` and its ``recompute_mixer`` argument switch it for every block.

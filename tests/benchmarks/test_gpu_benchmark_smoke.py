@@ -1,10 +1,11 @@
-"""benchmarks/gpu.py: its --smoke run on the CPU (the JSON report's schema and arithmetic) and its formulas.
+"""benchmarks/gpu.py (the package benchmarks/gpubench): its --smoke run on the CPU (the JSON report's schema and
+arithmetic), its formulas, its timer and its checks.
 
 The GPU figures themselves are not tested here (no timed tests): the smoke run exercises every code path at tiny
 shapes, and these tests check that the report it writes is complete and self-consistent.
 """
 
-import importlib.util
+import functools
 import json
 import os
 import subprocess
@@ -16,12 +17,13 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
+from benchmarks.gpubench import checks, cli, device, fusion, models, profiling, scan, timing
+from benchmarks.gpubench.report import Run
+from benchmarks.gpubench.targets import THROUGHPUT_PAIRS, target
+from spatial_mamba.ops.state_fusion import fusion_taps
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
-
-_spec = importlib.util.spec_from_file_location("benchmarks_gpu", SCRIPT)
-gpu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu)
 
 REQUIRED_KEYS = {
     "device",
@@ -86,7 +88,7 @@ def test_scan_section_counts_bytes_and_bandwidth_from_its_own_time(smoke, direct
     section = report[f"scan_{direction}"]
     shape = section["shape"]
     assert (shape["batch"], shape["channels"], shape["length"], shape["d_state"]) == (2, 16, 32 * 32, 1)
-    terms = gpu.scan_bytes(2, 16, 1024, 1, 2, backward=direction == "backward")
+    terms = scan.scan_bytes(2, 16, 1024, 1, 2, backward=direction == "backward")
     assert section["bytes_moved"] == {"total": sum(terms.values()), "terms": terms}
     assert set(section["backends"]) == {"cuda", "triton", "reference"}
     reference = section["backends"]["reference"]
@@ -96,7 +98,9 @@ def test_scan_section_counts_bytes_and_bandwidth_from_its_own_time(smoke, direct
     assert reference["fraction_of_peak_bandwidth"] is None  # no peak bandwidth on a CPU
     # Checked against the reference run in float64: a float32 run differs, but by less than the threshold.
     assert 0.0 < reference["max_rel_diff_vs_reference"] <= reference["check_threshold"]
-    assert reference["check_threshold"] == gpu.CHECK_MAX_REL_DIFF["float32" if direction == "forward" else "bfloat16"]
+    assert (
+        reference["check_threshold"] == checks.CHECK_MAX_REL_DIFF["float32" if direction == "forward" else "bfloat16"]
+    )
     assert reference["check_pass"] is True
     for name in ("cuda", "triton"):
         assert section["backends"][name]["available"] is False
@@ -116,24 +120,28 @@ def test_fusion_speedup_is_the_ratio_of_the_two_times(smoke, direction, path):
     # float32: the two compute the same sums in a different order (our CPU backward uses forward convolutions)
     assert ours["max_rel_diff_vs_baseline"] <= 1e-5
     assert ours["check_pass"] is True
+    # The one-pass op, timed once for both paths, against this path's baseline.
+    fused = section["fused"]["reference"]
+    assert fused["speedup_vs_baseline"] == pytest.approx(baseline_ms / fused["ms"], rel=1e-12)
+    assert fused["ms"] == report[f"fusion_{direction}"]["train"]["fused"]["reference"]["ms"]
     # The one-pass op has no CPU backend without the Triton interpreter: its rows say why.
     for name in ("cuda", "triton"):
         assert section["fused"][name]["available"] is False and section["fused"][name]["reason"]
 
 
 def test_a_result_beyond_the_threshold_fails_the_check():
-    threshold = gpu.CHECK_MAX_REL_DIFF["float32"]
-    assert gpu.judge_difference(threshold / 2, "float32") == {"check_threshold": threshold, "check_pass": True}
-    assert gpu.judge_difference(threshold * 2, "float32")["check_pass"] is False
+    threshold = checks.CHECK_MAX_REL_DIFF["float32"]
+    assert checks.judge_difference(threshold / 2, "float32") == {"check_threshold": threshold, "check_pass": True}
+    assert checks.judge_difference(threshold * 2, "float32")["check_pass"] is False
     # A fusion that zero-pads instead of replicating the border differs from the baseline far beyond it.
     h = torch.randn(1, 2, 8, 8, dtype=torch.float64)
     params = [torch.randn(2, 1, 3, 3, dtype=torch.float64) for _ in range(3)] + [torch.rand(3, dtype=torch.float64)]
-    replicate = gpu.native_state_fusion(h, *params, merged=False)
+    replicate = fusion.native_state_fusion(h, *params, merged=False)
     zero = sum(
         torch.nn.functional.conv2d(h, params[3][i] * k, padding=d, dilation=d, groups=2)
         for i, (k, d) in enumerate(zip(params[:3], (1, 3, 5)))
     )
-    assert gpu.judge_difference(gpu.relative_max_diff([zero], [replicate]), "float32")["check_pass"] is False
+    assert checks.judge_difference(checks.relative_max_diff([zero], [replicate]), "float32")["check_pass"] is False
 
 
 def test_fusion_taps_match_the_three_dilated_kernels():
@@ -142,11 +150,11 @@ def test_fusion_taps_match_the_three_dilated_kernels():
     params = [torch.randn(3, 1, 3, 3, dtype=torch.float64) for _ in range(3)] + [torch.rand(3, dtype=torch.float64)]
     from tests.kernels.parity import gather_fusion
 
-    fused = gather_fusion(h, gpu.fusion_taps(*params))
-    torch.testing.assert_close(fused, gpu.native_state_fusion(h, *params, merged=False), rtol=1e-12, atol=1e-12)
+    fused = gather_fusion(h, fusion_taps(*params))
+    torch.testing.assert_close(fused, fusion.native_state_fusion(h, *params, merged=False), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", gpu.SMOKE_MODELS)
+@pytest.mark.parametrize("name", models.SMOKE_MODELS)
 def test_models_report_throughput_from_the_timed_batch(smoke, name):
     report, _ = smoke
     entry = report["models"][name]
@@ -163,7 +171,7 @@ def test_models_report_throughput_from_the_timed_batch(smoke, name):
 def test_targets_have_pass_fail_and_margin(smoke):
     report, _ = smoke
     targets = report["targets"]
-    ours, swin = gpu.THROUGHPUT_PAIRS[0]
+    ours, swin = THROUGHPUT_PAIRS[0]
     expected = {
         "scan_forward_fraction_of_peak_bandwidth",
         "scan_backward_fraction_of_peak_bandwidth",
@@ -193,7 +201,7 @@ def test_profile_lists_the_top_entries_by_time(smoke):
     profile = report["profile_top_kernels"]
     assert profile["model"] == "spatial_mamba_tiny"
     rows = profile["kernels"]
-    assert 0 < len(rows) <= gpu.PROFILE_TOP
+    assert 0 < len(rows) <= profiling.PROFILE_TOP
     times = [row["total_ms"] for row in rows]
     assert times == sorted(times, reverse=True) and times[0] > 0
     assert sum(row["percent"] for row in rows) <= 100 + 1e-6
@@ -201,7 +209,7 @@ def test_profile_lists_the_top_entries_by_time(smoke):
 
 def test_scan_bytes_forward_by_hand():
     # batch 2, D 3, L 5, N 1, bf16: u, delta 2*3*5*2 = 60; B 2*1*5*2 = 20; A, delta_bias 3*4 = 12; hs 2*3*5*4 = 120.
-    terms = gpu.scan_bytes(2, 3, 5, 1, 2, backward=False)
+    terms = scan.scan_bytes(2, 3, 5, 1, 2, backward=False)
     assert terms == {
         "read u": 60,
         "read delta": 60,
@@ -214,7 +222,7 @@ def test_scan_bytes_forward_by_hand():
 
 
 def test_scan_bytes_backward_by_hand():
-    terms = gpu.scan_bytes(2, 3, 5, 1, 2, backward=True)
+    terms = scan.scan_bytes(2, 3, 5, 1, 2, backward=True)
     reads = {"read u": 60, "read delta": 60, "read B": 20, "read A": 12, "read delta_bias": 12}
     writes = {"write du": 60, "write ddelta": 60, "write dB": 20, "write dA": 12, "write ddelta_bias": 12}
     assert terms == {**reads, "read hs": 120, "read dhs": 120, **writes}
@@ -223,13 +231,13 @@ def test_scan_bytes_backward_by_hand():
 
 def test_scan_bytes_scale_with_state_size_and_dtype():
     # fp32, N 2: u, delta 2*3*5*4 = 120; B 2*2*5*4 = 80; A 3*2*4 = 24; delta_bias 12; hs 2*3*2*5*4 = 240.
-    assert sum(gpu.scan_bytes(2, 3, 5, 2, 4, backward=False).values()) == 596
+    assert sum(scan.scan_bytes(2, 3, 5, 2, 4, backward=False).values()) == 596
 
 
 def test_scan_bytes_at_the_benchmark_shape():
     # T stage 0: batch 128, D 128, L 3136, N 1, bf16 (the totals quoted in benchmarks/README.md).
-    assert sum(gpu.scan_bytes(128, 128, 3136, 1, 2, backward=False).values()) == 411_845_632
-    assert sum(gpu.scan_bytes(128, 128, 3136, 1, 2, backward=True).values()) == 823_691_264
+    assert sum(scan.scan_bytes(128, 128, 3136, 1, 2, backward=False).values()) == 411_845_632
+    assert sum(scan.scan_bytes(128, 128, 3136, 1, 2, backward=True).values()) == 823_691_264
 
 
 @pytest.mark.parametrize(
@@ -246,7 +254,7 @@ def test_scan_bytes_at_the_benchmark_shape():
     ],
 )
 def test_peak_bandwidth_by_device_name(name, bandwidth, stem):
-    peak, note, file_stem = gpu.peak_bandwidth(name)
+    peak, note, file_stem = device.peak_bandwidth(name)
     assert peak == bandwidth
     assert file_stem == stem
     assert note
@@ -270,7 +278,7 @@ def test_top_profile_events_sums_gpu_kernels_by_name():
         _event("aten::mm", DeviceType.CPU, 999.0),
         _event("copy", DeviceType.CUDA, 20.0),
     ]
-    total_ms, rows = gpu.top_profile_events(events, DeviceType.CUDA, top=2)
+    total_ms, rows = profiling.top_profile_events(events, DeviceType.CUDA, top=2)
     assert total_ms == pytest.approx(0.13)
     assert [(row["name"], row["calls"]) for row in rows] == [("scan_fwd", 2), ("gemm", 1)]
     assert rows[0]["total_ms"] == pytest.approx(0.06)
@@ -278,16 +286,112 @@ def test_top_profile_events_sums_gpu_kernels_by_name():
 
 
 def test_target_pass_and_margin():
-    met = gpu.target("x", 0.85, 0.8)
+    met = target("x", 0.85, 0.8)
     assert met["pass"] is True and met["margin"] == pytest.approx(0.05)
-    missed = gpu.target("x", 1.5, 2.0)
+    missed = target("x", 1.5, 2.0)
     assert missed["pass"] is False and missed["margin"] == pytest.approx(-0.5)
-    unknown = gpu.target("x", None, 0.8, "peak unknown")
+    unknown = target("x", None, 0.8, "peak unknown")
     assert unknown["pass"] is None and unknown["margin"] is None and unknown["note"] == "peak unknown"
 
 
 @pytest.mark.parametrize("argv", [["--only", "scan,bogus"], ["--models", "not_a_timm_model"], ["--iters", "0"]])
 def test_bad_options_are_rejected(argv, capsys):
     with pytest.raises(SystemExit):
-        gpu.parse_args(argv)
+        cli.parse_args(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_every_timing_in_the_report_comes_from_the_shared_timer(smoke):
+    # One timer (timing.time_ms through Run.time) for every section: the same fields, the run's counts.
+    report, _ = smoke
+    settings = report["settings"]
+    kernel = {"iters": settings["kernel_iters"], "warmup": settings["kernel_warmup"]}
+    model = {"iters": settings["model_iters"], "warmup": settings["model_warmup"]}
+    timings = [(entry, kernel) for d in ("forward", "backward") for entry in report[f"scan_{d}"]["backends"].values()]
+    for d in ("forward", "backward"):
+        for path in ("train", "eval"):
+            section = report[f"fusion_{d}"][path]
+            rows = [section["baseline"], *section["backends"].values(), *section["fused"].values()]
+            timings += [(entry, kernel) for entry in rows]
+    for entry in report["models"].values():
+        timings += [(entry[f"{phase}_ms_per_batch"], model) for phase in ("inference", "train")]
+    timed = [(entry, counts) for entry, counts in timings if "ms" in entry]
+    assert len(timed) == 2 + 2 * 2 * 3 + 2 * 2  # scan and fusion on the reference backend, baselines, models
+    for entry, counts in timed:
+        assert {key: entry[key] for key in ("iters", "warmup")} == counts
+        assert 0 < entry["ms_min"] <= entry["ms"]
+
+
+def test_time_ms_takes_the_median_and_minimum_of_the_timed_calls(monkeypatch):
+    # On the CPU each call is timed by the wall clock: durations 3, 1, 2, 10, 5 ms after two warm-up calls.
+    ticks = iter([0.0, 0.003, 1.0, 1.001, 2.0, 2.002, 3.0, 3.010, 4.0, 4.005])
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    calls = []
+    result = timing.time_ms(lambda: calls.append(1), warmup=2, iters=5, device=torch.device("cpu"))
+    assert len(calls) == 7
+    assert result["ms"] == pytest.approx(3.0) and result["ms_min"] == pytest.approx(1.0)
+    assert (result["iters"], result["warmup"]) == (5, 2)
+
+
+def test_pass_step_times_the_forward_without_autograd_and_the_backward_of_one_retained_forward():
+    x, w, grad = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64), torch.randn(4).double()
+    calls = []
+
+    def product(x, w):
+        calls.append(torch.is_grad_enabled())
+        return x * w
+
+    (out,) = timing.pass_step("forward", product, (x, w), grad)()
+    assert calls == [False] and not out.requires_grad
+    torch.testing.assert_close(out, x * w)
+    backward = timing.pass_step("backward", product, (x, w), grad)
+    assert calls == [False, True]  # the forward runs once, when the step is built
+    for _ in range(2):  # the retained graph serves every timed call
+        dx, dw = backward()
+        torch.testing.assert_close(dx, grad * w)
+        torch.testing.assert_close(dw, grad * x)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="sideways"):
+        timing.pass_step("sideways", product, (x, w), grad)
+
+
+def _zero_padded_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha):
+    branches = zip((kernel_3, kernel_3_1, kernel_3_2), (1, 3, 5))
+    return sum(
+        torch.nn.functional.conv2d(h, alpha[i] * k, padding=d, dilation=d, groups=h.shape[1])
+        for i, (k, d) in enumerate(branches)
+    )
+
+
+def test_a_fusion_row_beyond_the_threshold_is_recorded_as_an_error(tmp_path):
+    run = Run(cli.parse_args(["--smoke", "--out", str(tmp_path)]))
+    h = torch.randn(1, 2, 8, 8)
+    params = [torch.randn(2, 1, 3, 3) for _ in range(3)] + [torch.rand(3) + 0.5]
+    inputs, dy = (h, *params), torch.randn_like(h)
+    baseline = functools.partial(fusion.native_state_fusion, merged=False)
+    expected = timing.pass_step("forward", baseline, inputs, dy)()
+    section = {"baseline": {"ms": 1.0}}
+    row = fusion.FusionRow("forward train (zero padding)", _zero_padded_fusion, "")
+    entry = row.measure(run, "forward", inputs, dy, expected, section)
+    assert entry["check_pass"] is False and entry["max_rel_diff_vs_baseline"] > entry["check_threshold"]
+    assert entry["speedup_vs_baseline"] == pytest.approx(1.0 / entry["ms"])
+    assert [(e["where"], e["out_of_memory"]) for e in run.errors] == [("fusion forward train (zero padding)", False)]
+    # The same row with the right function passes and records nothing.
+    run.errors.clear()
+    right = fusion.FusionRow("forward train (replicate)", baseline, "").measure(
+        run, "forward", inputs, dy, expected, section
+    )
+    assert right["check_pass"] is True and run.errors == []
+
+
+def test_a_violated_check_threshold_makes_the_run_exit_with_status_1(tmp_path, monkeypatch, capsys):
+    # Thresholds of zero: the float32 reference scan differs from its float64 run, so every check fails.
+    monkeypatch.setattr(checks, "CHECK_MAX_REL_DIFF", {"float32": 0.0, "bfloat16": 0.0})
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    status = cli.main(["--smoke", "--only", "scan", "--batch-size", "1", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("*-smoke.json")
+    report = json.loads(path.read_text())
+    assert status == 1
+    assert {"scan forward (reference)", "scan backward (reference)"} <= {e["where"] for e in report["errors"]}
+    assert report["scan_forward"]["backends"]["reference"]["check_pass"] is False
+    assert "errors" in capsys.readouterr().out

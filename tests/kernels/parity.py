@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from spatial_mamba.models.ssm import dt_bias_init
+
 ATOL_OF_MAX = 2e-5
 REDUCTION_ATOL_OF_MAX = 1e-4
 ROUNDING = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float64: 1e-12}
@@ -105,8 +107,9 @@ def sequential_scan(u, delta, A, B, delta_bias, delta_softplus):
 
 def scan_inputs(batch, channels, length, dtype, delta_softplus=True, with_bias=True, device="cpu", seed=0, states=1):
     """Inputs in the model's ranges (``classification/models/spatialmamba.py``: A = -exp(A_log) with A_log in
-    log[1, 16], dt_bias the inverse softplus of Δ in [1e-3, 0.1]) plus the gradient dhs: ({u, delta, A, B,
-    delta_bias}, dhs). With the softplus, some raw deltas sit on both sides of its threshold (25 and -30)."""
+    log[1, 16], delta_bias drawn as the model initialises it, ``dt_bias_init``: the inverse softplus of Δ,
+    log-uniform in [1e-3, 0.1]) plus the gradient dhs: ({u, delta, A, B, delta_bias}, dhs). With the softplus, some
+    raw deltas sit on both sides of its threshold (25 and -30)."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, channels, length, generator=gen)
     A = -torch.empty(channels, states).uniform_(0.5, 4.0, generator=gen)
@@ -115,7 +118,7 @@ def scan_inputs(batch, channels, length, dtype, delta_softplus=True, with_bias=T
         delta = torch.randn(batch, channels, length, generator=gen) - 3.0
         delta[..., 1::11] = 25.0
         delta[..., 2::13] = -30.0
-        bias = torch.log(torch.expm1(torch.empty(channels).uniform_(1e-3, 0.1, generator=gen)))
+        bias = dt_bias_init(channels, dt_min=1e-3, dt_max=0.1, generator=gen)
     else:
         delta = torch.rand(batch, channels, length, generator=gen) * 0.1
         bias = torch.rand(channels, generator=gen) * 0.05

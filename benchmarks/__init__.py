@@ -1,0 +1,1 @@
+"""Benchmark scripts; ``benchmarks/gpubench`` is the code behind ``benchmarks/gpu.py``."""
