@@ -1,9 +1,11 @@
-"""The Triton backends' set-up: availability, interpreter mode, and compiling the scan kernels for sm_90.
+"""The Triton backends' set-up: availability, interpreter mode, compiling the scan kernels for sm_90, and the scan's
+split rows (the rule, and the split kernels against the float64 loop in Triton's interpreter).
 
-Their numbers are checked against float64 definitions, with the other backends, in
+Their numbers on whole rows are checked against float64 definitions, with the other backends, in
 tests/kernels/test_backend_parity.py (in Triton's interpreter when there is no GPU).
 """
 
+import os
 import re
 
 import pytest
@@ -12,14 +14,20 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
 
 from spatial_mamba.ops import backend, triton_scan  # noqa: E402
+from tests.kernels import parity  # noqa: E402
 
 from ._triton_interpreter import (  # noqa: E402
     INTERPRETED,
+    assert_interpreted_tests_pass,
     assert_no_spills,
+    in_parent_only,
     needs_compiler,
+    needs_interpreter,
     ptxas_report,
     run_python,
 )
+
+THIS_FILE = os.path.abspath(__file__)
 
 
 def test_forced_triton_backend_says_when_interpret_mode_changed_after_import(monkeypatch):
@@ -63,7 +71,7 @@ def test_kernels_compile_for_hopper_without_register_spills(tmp_path, length):
     # The interpreter accepts code that the GPU compiler rejects: compile the real kernels for sm_90 (no GPU needed).
     kernels = triton_scan._kernels()
     u = torch.empty(2, 384, length, dtype=torch.bfloat16)
-    _, _, options = triton_scan._launch_config(u)
+    _, _, options, _ = triton_scan._launch_config(u)
     constexprs = {
         "HAS_DELTA_BIAS": True,
         "DELTA_SOFTPLUS": True,
@@ -71,7 +79,79 @@ def test_kernels_compile_for_hopper_without_register_spills(tmp_path, length):
         "BLOCK_L": options["BLOCK_L"],
     }
     bf16_pointers = {"u_ptr", "delta_ptr", "B_ptr", "du_ptr", "ddelta_ptr"}
-    kinds = {"n_channels": "i32", "length": "i32", **dict.fromkeys(constexprs, "constexpr")}
-    for kernel in (kernels.selective_scan_fwd_kernel, kernels.selective_scan_bwd_kernel):
+    integers = ("n_channels", "length", "segment_length", "n_segments")
+    kinds = {**dict.fromkeys(integers, "i32"), **dict.fromkeys(constexprs, "constexpr")}
+    scan_kernels = [kernels.selective_scan_fwd_kernel, kernels.selective_scan_bwd_kernel]
+    scan_kernels += [kernels.selective_scan_fwd_totals_kernel, kernels.selective_scan_bwd_totals_kernel]
+    for kernel in scan_kernels:
         signature = {name: kinds.get(name, "*bf16" if name in bf16_pointers else "*fp32") for name in kernel.arg_names}
         assert_no_spills(ptxas_report(kernel, signature, constexprs, triton_scan.NUM_WARPS, tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------- split rows
+
+
+def test_split_rule_cuts_only_rows_too_few_for_the_gpu():
+    sm = 132  # an H100 or H200
+    # Detection (batch 2, D 128, 66,600 tokens): 128 programs of 2 channels, 5 segments of 13,568 positions.
+    assert triton_scan.split_segments(2, 128, 66_600, sm) == 5
+    assert triton_scan.segment_length(66_600, 5) == 13_568
+    # Enough programs (4 per SM), rows of one token, or rows shorter than two minimum segments: not split.
+    assert triton_scan.split_segments(128, 128, 3_136, sm) == 1
+    assert triton_scan.split_segments(2, 528, 66_600, sm) == 1
+    assert triton_scan.split_segments(2, 128, 1, sm) == 1
+    assert triton_scan.split_segments(1, 1, 4_095, sm) == 1
+    assert triton_scan.split_segments(1, 1, 4_096, sm) == 2
+    assert triton_scan.split_segments(1, 1, 10**6, sm) == 32
+    with pytest.raises(ValueError, match="sm_count must be a non-negative int; got -1"):
+        triton_scan.split_segments(2, 128, 66_600, -1)
+
+
+@pytest.mark.parametrize("sm_count", [16, 132])
+def test_split_rule_gives_valid_segments(sm_count):
+    # Segments of whole chunks that cover the row with none empty, at least SPLIT_MIN_SEGMENT long when split, and
+    # enough programs unless the row length or the segment cap stops it (whole 256-position chunks per segment can
+    # cost at most 1 in 9 segments of at least 2,048 positions).
+    for channels in (1, 3, 64, 128, 1_000, 1_056):
+        for length in (1, 255, 4_095, 4_096, 4_097, 10_000, 66_600, 200_001):
+            segments = triton_scan.split_segments(1, channels, length, sm_count)
+            piece = triton_scan.segment_length(length, segments)
+            assert 1 <= segments <= triton_scan.MAX_SEGMENTS and piece % min(256, piece) == 0
+            assert (segments - 1) * piece < length <= segments * piece, (channels, length, segments, piece)
+            programs = -(-channels // triton_scan._tile(channels, length)[0])
+            if segments > 1:
+                assert piece >= triton_scan.SPLIT_MIN_SEGMENT
+            if programs * segments < triton_scan.SPLIT_PROGRAMS_PER_SM * sm_count:
+                assert 9 * segments >= 8 * min(triton_scan.MAX_SEGMENTS, length // triton_scan.SPLIT_MIN_SEGMENT)
+
+
+def test_rejects_a_segment_count_the_rows_cannot_take():
+    with pytest.raises(ValueError, match="rows of 300 positions cannot be cut into 3 segments"):
+        triton_scan._launch_config(torch.empty(1, 2, 300), 3)
+
+
+# (batch, D, L, segments, dtype, softplus and bias): a ragged last segment (1000 = 3 x 256 + 232) with a masked
+# channel (3 channels in programs of 2), a last segment of one token (257) without softplus and bias, and float16
+# rows on three channel programs.
+SPLIT_CASES = [
+    ((1, 3, 1000), 4, torch.float32, True),
+    ((2, 3, 257), 2, torch.bfloat16, False),
+    ((1, 5, 1001), 4, torch.float16, True),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape, segments, dtype, softplus", SPLIT_CASES, ids=str)
+def test_interpreted_kernels_split_rows_match_reference(shape, segments, dtype, softplus):
+    inputs, dhs = parity.scan_inputs(*shape, dtype, softplus, softplus)
+
+    def split_scan(u, delta, A, B, delta_bias, delta_softplus):
+        return triton_scan._SelectiveScanTriton.apply(u, delta, A, B, delta_bias, delta_softplus, segments)
+
+    hs, grads = parity.run_scan(split_scan, inputs, softplus, dhs)
+    parity.check_scan(hs, grads, inputs, softplus, dhs)
+
+
+@in_parent_only
+def test_split_rows_pass_in_a_triton_interpreter_child_process():
+    assert_interpreted_tests_pass(THIS_FILE)
