@@ -48,15 +48,15 @@ inline bool scan_segments_valid(int64_t length, int64_t segments) {
   return (length + piece - 1) / piece == segments;
 }
 
-// Number of segments for batch * dim rows of `length` positions on a GPU with `sm_count` SMs: 1 when there are at
-// least kScanSplitWarpsPerSm rows per SM or rows are shorter than two kScanSplitMinSegment; otherwise enough
-// segments for that many warps, each at least kScanSplitMinSegment long, at most kScanMaxSegments. Always a valid
-// count for `length` (scan_segments_valid).
+// Number of segments for batch * dim rows of `length` positions on a GPU with `sm_count` SMs: as many as keep the
+// warps (rows x segments) within kScanSplitWarpsPerSm per SM, so that the split kernels run in one wave (the
+// backward's split kernel fits 2 blocks of 8 warps per SM), each segment at least kScanSplitMinSegment long, at most
+// kScanMaxSegments; 1 when that is 1. Always a valid count for `length` (scan_segments_valid).
 inline int64_t scan_split_segments(int64_t batch, int64_t dim, int64_t length, int64_t sm_count) {
   const int64_t rows = batch * dim;
   const int64_t target = kScanSplitWarpsPerSm * sm_count;
   if (rows <= 0 || length <= 0 || rows >= target) return 1;
-  int64_t segments = (target + rows - 1) / rows;
+  int64_t segments = target / rows;
   segments = segments < length / kScanSplitMinSegment ? segments : length / kScanSplitMinSegment;
   segments = segments < kScanMaxSegments ? segments : kScanMaxSegments;
   if (segments <= 1) return 1;

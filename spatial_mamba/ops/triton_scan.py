@@ -32,7 +32,7 @@ NUM_WARPS = 4
 # Split rows: with fewer than SPLIT_PROGRAMS_PER_SM programs per SM (16 warps, as the CUDA kernels' rule), rows of at
 # least two SPLIT_MIN_SEGMENT positions are cut into segments scanned by programs of their own (at most MAX_SEGMENTS:
 # each program composes the segments before its own in a loop). The detection shape (batch 2, D 128, 66,600 tokens)
-# has 128 programs of 2 channels: 5 segments on a 132-SM H100/H200.
+# has 128 programs of 2 channels: 4 segments on a 132-SM H100/H200.
 SPLIT_PROGRAMS_PER_SM = 4
 SPLIT_MIN_SEGMENT = 2048
 MAX_SEGMENTS = 32
@@ -111,9 +111,9 @@ def segment_length(length: int, segments: int) -> int:
 def split_segments(batch: int, n_channels: int, length: int, sm_count: int) -> int:
     """Segments per row for (batch, n_channels, length) inputs on a GPU with ``sm_count`` SMs.
 
-    1 when the (batch, channel block) programs give every SM at least ``SPLIT_PROGRAMS_PER_SM``, or rows are shorter
-    than two ``SPLIT_MIN_SEGMENT``; otherwise enough segments for that many programs, each at least
-    ``SPLIT_MIN_SEGMENT`` long, at most ``MAX_SEGMENTS``. Segments are whole chunks; the last one may be shorter.
+    As many as keep the programs ((batch, channel block) programs x segments) within ``SPLIT_PROGRAMS_PER_SM`` per SM,
+    so that they run in one wave, each segment at least ``SPLIT_MIN_SEGMENT`` long, at most ``MAX_SEGMENTS``; 1 when
+    that is 1. Segments are whole chunks; the last one may be shorter.
     """
     for name, value in (("batch", batch), ("n_channels", n_channels), ("length", length), ("sm_count", sm_count)):
         if not isinstance(value, int) or value < 0:
@@ -123,7 +123,7 @@ def split_segments(batch: int, n_channels: int, length: int, sm_count: int) -> i
     target = SPLIT_PROGRAMS_PER_SM * sm_count
     if programs == 0 or length == 0 or programs >= target:
         return 1
-    segments = min(_cdiv(target, programs), length // SPLIT_MIN_SEGMENT, MAX_SEGMENTS)
+    segments = min(target // programs, length // SPLIT_MIN_SEGMENT, MAX_SEGMENTS)
     if segments <= 1:
         return 1
     # Whole chunks per segment can leave fewer, non-empty segments: count those.

@@ -178,10 +178,10 @@ def test_emulated_split_rows_match_reference(emulated, case):
 
 @pytest.mark.slow
 def test_emulated_split_rows_match_reference_on_a_detection_row(emulated):
-    # A 1333x800 image at stride 4 is 66,600 tokens; at batch 2 and D = 128 the rule cuts rows into 9 segments on a
+    # A 1333x800 image at stride 4 is 66,600 tokens; at batch 2 and D = 128 the rule cuts rows into 8 segments on a
     # 132-SM GPU. Two such rows here, bfloat16 inputs, against the float64 loop.
     segments = emulated.emu_scan_split_segments(*_sizes(2, 128, 66_600, 132))
-    assert segments == 9
+    assert segments == 8
     inputs, dhs = scan_inputs(1, 2, 66_600, torch.bfloat16, device="cpu")
     hs, grads = emulated_scan(emulated, inputs, True, dhs, segments)
     check_scan(hs, grads, inputs, True, dhs)
@@ -193,13 +193,14 @@ def _split_segments(lib, batch, dim, length, sm_count):
 
 def test_split_rule_cuts_only_rows_too_few_for_the_gpu(emulated):
     sm = 132  # an H100 or H200
-    # Detection (batch 2, D 128, 66,600 tokens): 256 rows, 9 segments of 7,424 positions (the last one 6,208).
-    assert _split_segments(emulated, 2, 128, 66_600, sm) == 9
-    assert emulated.emu_scan_segment_length(*_sizes(66_600, 9)) == 7_424
-    # Enough rows to fill the GPU (classification at batch 128; 16 warps per SM), rows of one token, or rows
-    # shorter than two minimum segments: not split.
+    # Detection (batch 2, D 128, 66,600 tokens): 256 rows, 8 segments of 8,448 positions (the last one 7,464):
+    # 2,048 warps, within 16 per SM.
+    assert _split_segments(emulated, 2, 128, 66_600, sm) == 8
+    assert emulated.emu_scan_segment_length(*_sizes(66_600, 8)) == 8_448
+    # Rows enough for half the target or more (classification at batch 128), rows of one token, or rows shorter
+    # than two minimum segments: not split.
     assert _split_segments(emulated, 128, 128, 3_136, sm) == 1
-    assert _split_segments(emulated, 2, 1_056, 66_600, sm) == 1
+    assert _split_segments(emulated, 2, 529, 66_600, sm) == 1
     assert _split_segments(emulated, 2, 128, 1, sm) == 1
     assert _split_segments(emulated, 1, 1, 4_095, sm) == 1
     assert _split_segments(emulated, 1, 1, 4_096, sm) == 2
@@ -212,18 +213,19 @@ def test_split_rule_cuts_only_rows_too_few_for_the_gpu(emulated):
 @pytest.mark.parametrize("sm_count", [16, 78, 132])
 def test_split_rule_gives_valid_segments(emulated, sm_count):
     # Whatever the shape: segments of whole 256-position steps that cover the row with none empty, at least 2,048
-    # positions each when split, and enough warps (16 per SM) unless the row length or the 32-segment cap stops it
-    # (whole steps per segment can cost at most 1 in 9 segments of at least 2,048 positions).
-    for rows in (1, 3, 8, 100, 256, 2_000, 2_111, 2_112):
+    # positions each when split; never more warps than the target (16 per SM: one wave), and as many segments as fit
+    # in it unless the row length or the 32-segment cap stops them (whole steps per segment cost at most 1 in 9
+    # segments of at least 2,048 positions).
+    target = 16 * sm_count
+    for rows in (1, 3, 8, 100, 256, 1_000, 2_111, 2_112):
         for length in (1, 255, 4_095, 4_096, 4_097, 10_000, 66_600, 200_001):
             segments = _split_segments(emulated, 1, rows, length, sm_count)
             piece = emulated.emu_scan_segment_length(*_sizes(length, segments))
             assert 1 <= segments <= 32 and piece % 256 == 0
             assert (segments - 1) * piece < length <= segments * piece, (rows, length, segments, piece)
             if segments > 1:
-                assert piece >= 2_048
-            if rows * segments < 16 * sm_count:
-                assert 9 * segments >= 8 * min(32, length // 2_048), (rows, length, segments)
+                assert piece >= 2_048 and rows * segments <= target
+            assert 9 * segments >= 8 * min(target // rows, 32, length // 2_048), (rows, length, segments)
 
 
 def test_emulated_scan_launchers_refuse_invalid_segment_counts(emulated):

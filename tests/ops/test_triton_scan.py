@@ -93,12 +93,14 @@ def test_kernels_compile_for_hopper_without_register_spills(tmp_path, length):
 
 def test_split_rule_cuts_only_rows_too_few_for_the_gpu():
     sm = 132  # an H100 or H200
-    # Detection (batch 2, D 128, 66,600 tokens): 128 programs of 2 channels, 5 segments of 13,568 positions.
-    assert triton_scan.split_segments(2, 128, 66_600, sm) == 5
-    assert triton_scan.segment_length(66_600, 5) == 13_568
-    # Enough programs (4 per SM), rows of one token, or rows shorter than two minimum segments: not split.
+    # Detection (batch 2, D 128, 66,600 tokens): 128 programs of 2 channels, 4 segments of 16,896 positions (512
+    # programs, within 4 per SM).
+    assert triton_scan.split_segments(2, 128, 66_600, sm) == 4
+    assert triton_scan.segment_length(66_600, 4) == 16_896
+    # Programs enough for half the target or more, rows of one token, or rows shorter than two minimum segments:
+    # not split.
     assert triton_scan.split_segments(128, 128, 3_136, sm) == 1
-    assert triton_scan.split_segments(2, 528, 66_600, sm) == 1
+    assert triton_scan.split_segments(2, 270, 66_600, sm) == 1
     assert triton_scan.split_segments(2, 128, 1, sm) == 1
     assert triton_scan.split_segments(1, 1, 4_095, sm) == 1
     assert triton_scan.split_segments(1, 1, 4_096, sm) == 2
@@ -109,9 +111,10 @@ def test_split_rule_cuts_only_rows_too_few_for_the_gpu():
 
 @pytest.mark.parametrize("sm_count", [16, 132])
 def test_split_rule_gives_valid_segments(sm_count):
-    # Segments of whole chunks that cover the row with none empty, at least SPLIT_MIN_SEGMENT long when split, and
-    # enough programs unless the row length or the segment cap stops it (whole 256-position chunks per segment can
-    # cost at most 1 in 9 segments of at least 2,048 positions).
+    # Segments of whole chunks that cover the row with none empty, at least SPLIT_MIN_SEGMENT long when split; never
+    # more programs than the target (one wave), and as many segments as fit in it unless the row length or the cap
+    # stops them (whole 256-position chunks per segment cost at most 1 in 9 segments of at least 2,048 positions).
+    target = triton_scan.SPLIT_PROGRAMS_PER_SM * sm_count
     for channels in (1, 3, 64, 128, 1_000, 1_056):
         for length in (1, 255, 4_095, 4_096, 4_097, 10_000, 66_600, 200_001):
             segments = triton_scan.split_segments(1, channels, length, sm_count)
@@ -120,9 +123,9 @@ def test_split_rule_gives_valid_segments(sm_count):
             assert (segments - 1) * piece < length <= segments * piece, (channels, length, segments, piece)
             programs = -(-channels // triton_scan._tile(channels, length)[0])
             if segments > 1:
-                assert piece >= triton_scan.SPLIT_MIN_SEGMENT
-            if programs * segments < triton_scan.SPLIT_PROGRAMS_PER_SM * sm_count:
-                assert 9 * segments >= 8 * min(triton_scan.MAX_SEGMENTS, length // triton_scan.SPLIT_MIN_SEGMENT)
+                assert piece >= triton_scan.SPLIT_MIN_SEGMENT and programs * segments <= target
+            wanted = min(target // programs, triton_scan.MAX_SEGMENTS, length // triton_scan.SPLIT_MIN_SEGMENT)
+            assert 9 * segments >= 8 * wanted, (channels, length, segments)
 
 
 def test_rejects_a_segment_count_the_rows_cannot_take():
