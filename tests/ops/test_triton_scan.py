@@ -1,11 +1,10 @@
 """The Triton backends' set-up: availability, interpreter mode, compiling the scan kernels for sm_90, and the scan's
-split rows (the rule, and the split kernels against the float64 loop in Triton's interpreter).
+split rule.
 
-Their numbers on whole rows are checked against float64 definitions, with the other backends, in
+Their numbers (whole and split rows) are checked against float64 definitions, with the other backends, in
 tests/kernels/test_backend_parity.py (in Triton's interpreter when there is no GPU).
 """
 
-import os
 import re
 
 import pytest
@@ -14,20 +13,14 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
 
 from spatial_mamba.ops import backend, triton_scan  # noqa: E402
-from tests.kernels import parity  # noqa: E402
 
 from ._triton_interpreter import (  # noqa: E402
     INTERPRETED,
-    assert_interpreted_tests_pass,
     assert_no_spills,
-    in_parent_only,
     needs_compiler,
-    needs_interpreter,
     ptxas_report,
     run_python,
 )
-
-THIS_FILE = os.path.abspath(__file__)
 
 
 def test_forced_triton_backend_says_when_interpret_mode_changed_after_import(monkeypatch):
@@ -131,30 +124,3 @@ def test_split_rule_gives_valid_segments(sm_count):
 def test_rejects_a_segment_count_the_rows_cannot_take():
     with pytest.raises(ValueError, match="rows of 300 positions cannot be cut into 3 segments"):
         triton_scan._launch_config(torch.empty(1, 2, 300), 3)
-
-
-# (batch, D, L, segments, dtype, softplus and bias): a ragged last segment (1000 = 3 x 256 + 232) with a masked
-# channel (3 channels in programs of 2), a last segment of one token (257) without softplus and bias, and float16
-# rows on three channel programs.
-SPLIT_CASES = [
-    ((1, 3, 1000), 4, torch.float32, True),
-    ((2, 3, 257), 2, torch.bfloat16, False),
-    ((1, 5, 1001), 4, torch.float16, True),
-]
-
-
-@needs_interpreter
-@pytest.mark.parametrize("shape, segments, dtype, softplus", SPLIT_CASES, ids=str)
-def test_interpreted_kernels_split_rows_match_reference(shape, segments, dtype, softplus):
-    inputs, dhs = parity.scan_inputs(*shape, dtype, softplus, softplus)
-
-    def split_scan(u, delta, A, B, delta_bias, delta_softplus):
-        return triton_scan._SelectiveScanTriton.apply(u, delta, A, B, delta_bias, delta_softplus, segments)
-
-    hs, grads = parity.run_scan(split_scan, inputs, softplus, dhs)
-    parity.check_scan(hs, grads, inputs, softplus, dhs)
-
-
-@in_parent_only
-def test_split_rows_pass_in_a_triton_interpreter_child_process():
-    assert_interpreted_tests_pass(THIS_FILE)
