@@ -22,6 +22,26 @@ namespace {
 
 constexpr int kBwdWarps = 8;
 
+// The adjoint maps h -> a_t h + a_t dhs_t of one lane's kItems positions starting at `start`, folded from the last
+// (positions from `end` on are the identity: dhs reads 0 there and a_t is set to 1); raw, dt and decay get each
+// position's delta + bias, Δ and a_t.
+template <int kItems>
+__device__ __forceinline__ scan::Affine adjoint_lane_map(const float (&delta_v)[kItems], const float (&dhs_v)[kItems],
+                                                         int start, int end, float A_log2, float bias,
+                                                         bool softplus_on, float (&raw)[kItems], float (&dt)[kItems],
+                                                         float (&decay)[kItems]) {
+  using namespace scan;
+  Affine lane_map = {1.f, 0.f};
+#pragma unroll
+  for (int i = kItems - 1; i >= 0; --i) {
+    raw[i] = delta_v[i] + bias;
+    dt[i] = softplus_on ? softplus(raw[i]) : raw[i];
+    decay[i] = start + i < end ? exp2f(dt[i] * A_log2) : 1.f;
+    lane_map = then(lane_map, Affine{decay[i], decay[i] * dhs_v[i]});
+  }
+  return lane_map;
+}
+
 // Split rows, first pass: the composite map of segment blockIdx.y + 1 of each row for h_t = a_t h_{t+1} +
 // a_t dhs_t, taken from the segment's end to its start (total decay, h at its start from a zero h past its end),
 // into segment_totals. The first segment's map is never needed. One warp per row, as in the forward.
@@ -45,17 +65,11 @@ __global__ void __launch_bounds__(kBwdWarps * 32) selective_scan_bwd_totals_kern
   const int steps = (seg.end - seg.begin + kStep - 1) / kStep;
   for (int s = steps - 1; s >= 0; --s) {
     const int start = seg.begin + s * kStep + lane * kItems;
-    float delta_v[kItems], dhs_v[kItems];
+    float delta_v[kItems], dhs_v[kItems], raw[kItems], dt[kItems], decay[kItems];
     load_items<T, kItems, kVec>(delta, start, seg.end, delta_v);
     load_items<float, kItems, kVec>(dhs, start, seg.end, dhs_v);
-    Affine lane_map = {1.f, 0.f};
-#pragma unroll
-    for (int i = kItems - 1; i >= 0; --i) {
-      const float raw = delta_v[i] + bias;
-      const float dt = p.delta_softplus ? softplus(raw) : raw;
-      const float decay = start + i < seg.end ? exp2f(dt * A_log2) : 1.f;
-      lane_map = then(lane_map, Affine{decay, decay * dhs_v[i]});
-    }
+    const Affine lane_map =
+        adjoint_lane_map(delta_v, dhs_v, start, seg.end, A_log2, bias, p.delta_softplus, raw, dt, decay);
     const Affine inclusive = warp_scan_reverse(lane_map, lane);
     total = then(total, {__shfl_sync(kFullMask, inclusive.a, 0), __shfl_sync(kFullMask, inclusive.b, 0)});
   }
@@ -118,15 +132,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32) selective_scan_bwd_kernel(Scan
       if (lane == 0) x_before = base > 0 ? hs[base - 1] : 0.f;
 
       float raw[kItems], dt[kItems], decay[kItems];
-      Affine lane_map = {1.f, 0.f};
-#pragma unroll
-      for (int i = kItems - 1; i >= 0; --i) {
-        raw[i] = delta_v[i] + bias;
-        dt[i] = p.delta_softplus ? softplus(raw[i]) : raw[i];
-        // Past the end of the segment dhs reads 0, so the map is the identity.
-        decay[i] = start + i < seg.end ? exp2f(dt[i] * A_log2) : 1.f;
-        lane_map = then(lane_map, Affine{decay[i], decay[i] * dhs_v[i]});
-      }
+      const Affine lane_map =
+          adjoint_lane_map(delta_v, dhs_v, start, seg.end, A_log2, bias, p.delta_softplus, raw, dt, decay);
       const Affine inclusive = warp_scan_reverse(lane_map, lane);
       Affine after = {__shfl_down_sync(kFullMask, inclusive.a, 1), __shfl_down_sync(kFullMask, inclusive.b, 1)};
       if (lane == 31) after = {1.f, 0.f};
