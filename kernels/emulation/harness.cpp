@@ -3,6 +3,9 @@
 #include "selective_scan/selective_scan.h"
 #include "state_fusion/state_fusion.h"
 
+#include <limits>
+#include <vector>
+
 using namespace spatial_mamba;
 
 namespace {
@@ -30,9 +33,20 @@ extern "C" {
 
 int64_t emu_scan_bwd_dim_groups(int64_t dim) { return scan_bwd_dim_groups(dim); }
 
+int64_t emu_scan_split_segments(int64_t batch, int64_t dim, int64_t length, int64_t sm_count) {
+  return scan_split_segments(batch, dim, length, sm_count);
+}
+
+int64_t emu_scan_segment_length(int64_t length, int64_t segments) { return scan_segment_length(length, segments); }
+
+// The scans take the segment count (1: whole rows) and allocate the split rows' workspace as the binding does, filled
+// with NaN so that a read of a total no kernel wrote shows up in the results.
 int emu_scan_fwd(int kind, const void* u, const void* delta, const float* A, const void* B, const float* delta_bias,
-                 int delta_softplus, float* hs, int64_t batch, int64_t dim, int64_t length) {
+                 int delta_softplus, float* hs, int64_t batch, int64_t dim, int64_t length, int64_t segments) {
+  std::vector<float> totals(batch * dim * segments * 2, std::numeric_limits<float>::quiet_NaN());
   ScanFwdParams p;
+  p.segments = segments;
+  p.segment_totals = segments > 1 ? totals.data() : nullptr;
   p.shape = {batch, dim, length};
   p.kind = static_cast<ScalarKind>(kind);
   p.u = u;
@@ -47,8 +61,12 @@ int emu_scan_fwd(int kind, const void* u, const void* delta, const float* A, con
 
 int emu_scan_bwd(int kind, const void* u, const void* delta, const float* A, const void* B, const float* delta_bias,
                  int delta_softplus, const float* hs, const float* dhs, void* du, void* ddelta, float* dB_partial,
-                 float* dA_partial, float* ddelta_bias_partial, int64_t batch, int64_t dim, int64_t length) {
+                 float* dA_partial, float* ddelta_bias_partial, int64_t batch, int64_t dim, int64_t length,
+                 int64_t segments) {
+  std::vector<float> totals(batch * dim * segments * 2, std::numeric_limits<float>::quiet_NaN());
   ScanBwdParams p;
+  p.segments = segments;
+  p.segment_totals = segments > 1 ? totals.data() : nullptr;
   p.shape = {batch, dim, length};
   p.kind = static_cast<ScalarKind>(kind);
   p.u = u;

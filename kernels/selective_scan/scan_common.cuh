@@ -114,14 +114,31 @@ __device__ __forceinline__ void store_items(T* row, int start, int length, const
 }
 
 // Items per lane: a warp covers 32 * kItems positions per step, so short rows use short steps.
+// Split rows (segments > 1) are longer than one granule of kScanSegmentGranule positions, so they always get 8.
+constexpr int kSplitItems = 8;
+static_assert(kScanSegmentGranule % (32 * kSplitItems) == 0, "segments must be whole steps");
+
 template <typename F>
 cudaError_t dispatch_items(int64_t length, F&& launch) {
   if (length > kScanMaxLength) return cudaErrorInvalidValue;  // the binding rejects such rows with a clear message
   if (length <= 64) return launch(std::integral_constant<int, 2>{});
-  return launch(std::integral_constant<int, 8>{});
+  return launch(std::integral_constant<int, kSplitItems>{});
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The positions [begin, end) of segment `segment` of a row (end - begin = scan_segment_length, the last one ragged).
+struct Segment {
+  int begin;
+  int end;
+};
+
+__device__ __forceinline__ Segment row_segment(int length, int64_t segments, int segment) {
+  if (segments == 1) return {0, length};
+  const int piece = static_cast<int>(scan_segment_length(length, segments));
+  const int begin = segment * piece;
+  return {begin, min(begin + piece, length)};
+}
 
 }  // namespace scan
 }  // namespace spatial_mamba

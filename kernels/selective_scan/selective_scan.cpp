@@ -79,6 +79,21 @@ Inputs check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   return {{batch, dim, length}, kind};
 }
 
+// Segments per row for this input on the current device (scan_split_segments).
+int64_t device_segments(const ScanShape& shape) {
+  int device = 0;
+  int sm_count = 0;
+  TORCH_CHECK(cudaGetDevice(&device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess,
+              "selective_scan (cuda): cannot read the device's SM count");
+  return scan_split_segments(shape.batch, shape.dim, shape.length, sm_count);
+}
+
+// The (rows, segments, 2) float32 workspace of split rows; an empty tensor when rows are not split.
+at::Tensor segment_workspace(const ScanShape& shape, int64_t segments, const at::TensorOptions& f32) {
+  return at::empty({segments > 1 ? shape.batch * shape.dim * segments * 2 : 0}, f32);
+}
+
 void check_launch(cudaError_t error, const char* what) {
   TORCH_CHECK(error == cudaSuccess, "selective_scan (cuda): ", what, " kernel launch failed: ",
               cudaGetErrorString(error));
@@ -99,6 +114,9 @@ at::Tensor fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
   p.delta_bias = delta_bias.has_value() ? delta_bias->data_ptr<float>() : nullptr;
   p.delta_softplus = delta_softplus;
   p.hs = hs.data_ptr<float>();
+  p.segments = device_segments(in.shape);
+  const at::Tensor totals = segment_workspace(in.shape, p.segments, u.options().dtype(at::kFloat));
+  p.segment_totals = p.segments > 1 ? totals.data_ptr<float>() : nullptr;
   check_launch(launch_selective_scan_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), "forward");
   return hs;
 }
@@ -123,10 +141,14 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   at::Tensor du = at::empty_like(u);
   at::Tensor ddelta = at::empty_like(delta);
   at::Tensor dB_partial = at::empty({in.shape.batch, scan_bwd_dim_groups(in.shape.dim), in.shape.length}, f32);
-  // Zero-filled: the kernel writes nothing for rows of length 0.
-  at::Tensor dA_partial = at::zeros({in.shape.batch, in.shape.dim}, f32);
-  at::Tensor ddelta_bias_partial = at::zeros({in.shape.batch, in.shape.dim}, f32);
+  const int64_t segments = device_segments(in.shape);
+  const at::Tensor totals = segment_workspace(in.shape, segments, f32);
+  // One slice per segment; zero-filled: the kernel writes nothing for rows of length 0.
+  at::Tensor dA_partial = at::zeros({segments, in.shape.batch, in.shape.dim}, f32);
+  at::Tensor ddelta_bias_partial = at::zeros({segments, in.shape.batch, in.shape.dim}, f32);
   ScanBwdParams p;
+  p.segments = segments;
+  p.segment_totals = segments > 1 ? totals.data_ptr<float>() : nullptr;
   p.shape = in.shape;
   p.kind = in.kind;
   p.u = u.data_ptr();
@@ -144,8 +166,8 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   p.ddelta_bias_partial = ddelta_bias_partial.data_ptr<float>();
   check_launch(launch_selective_scan_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), "backward");
   at::Tensor dB = dB_partial.sum(1, /*keepdim=*/true).to(B.scalar_type());
-  at::Tensor dA = dA_partial.sum(0).view({in.shape.dim, 1});
-  at::Tensor ddelta_bias = ddelta_bias_partial.sum(0);
+  at::Tensor dA = dA_partial.sum(0).sum(0).view({in.shape.dim, 1});
+  at::Tensor ddelta_bias = ddelta_bias_partial.sum(0).sum(0);
   return {du, ddelta, dA, dB, ddelta_bias};
 }
 
@@ -160,4 +182,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bwd", &spatial_mamba::bwd, "[du, ddelta, dA, dB, ddelta_bias] from the forward inputs, hs and dhs",
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("delta_bias"),
         py::arg("delta_softplus"), py::arg("hs"), py::arg("dhs"));
+  m.def("split_segments", &spatial_mamba::scan_split_segments,
+        "segments per row that the kernels use for (batch, dim, length) rows on a GPU with sm_count SMs",
+        py::arg("batch"), py::arg("dim"), py::arg("length"), py::arg("sm_count"));
 }

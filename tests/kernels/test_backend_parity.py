@@ -100,6 +100,34 @@ def test_selective_scan_parity(name, shape, dtype, softplus, bias):
     parity.check_scan(hs, grads, inputs, softplus, dhs)
 
 
+# Split rows of the Triton scan (segments scanned by programs of their own; the CUDA kernels' split rows are checked
+# in test_cuda_emulated.py): (batch, D, L), segments, dtype, softplus and bias. A ragged last segment (1000 = 3 x 256
+# + 232) with a masked channel (3 channels in programs of 2), a last segment of one token (257) without softplus and
+# bias, and float16 rows over three channel programs. The split rule itself: tests/ops/test_triton_scan.py.
+TRITON_SPLIT_CASES = [
+    ((1, 3, 1000), 4, torch.float32, True),
+    ((2, 3, 257), 2, torch.bfloat16, False),
+    ((1, 5, 1001), 4, torch.float16, True),
+]
+if GPU:
+    TRITON_SPLIT_CASES += [((2, 128, 66_600), 4, dtype, True) for dtype in parity.DTYPES]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not GPU and not INTERPRETED, reason="no GPU: runs in the interpreter, in a child process")
+@pytest.mark.parametrize("shape, segments, dtype, softplus", TRITON_SPLIT_CASES, ids=str)
+def test_triton_split_rows_parity(shape, segments, dtype, softplus):
+    from spatial_mamba.ops import triton_scan
+
+    inputs, dhs = parity.scan_inputs(*shape, dtype, softplus, softplus, device=device_for("triton"))
+
+    def split_scan(u, delta, A, B, delta_bias, delta_softplus):
+        return triton_scan._SelectiveScanTriton.apply(u, delta, A, B, delta_bias, delta_softplus, segments)
+
+    hs, grads = parity.run_scan(split_scan, inputs, softplus, dhs)
+    parity.check_scan(hs, grads, inputs, softplus, dhs)
+
+
 # ------------------------------------------------------------------------------------------------ depthwise conv
 
 # (batch, C, H, W, kernel size, dilation): the SASF branches (3x3 at dilations 1, 3, 5) and the merged 11x11 kernel,

@@ -25,7 +25,7 @@ from kernels import build
 
 ROOT = Path(__file__).resolve().parents[2]
 FUNCTIONS = {
-    "_selective_scan_cuda": ("fwd", "bwd"),
+    "_selective_scan_cuda": ("fwd", "bwd", "split_segments"),
     "_dwconv2d_cuda": ("fwd", "dgrad", "wgrad"),
     "_state_fusion_cuda": ("fwd", "bwd"),
 }
@@ -185,6 +185,15 @@ def test_extensions_reject_cpu_tensors_with_a_clear_error(built_extensions):
     fusion = load("_state_fusion_cuda", paths["_state_fusion_cuda"])
     with pytest.raises(RuntimeError, match="state_fusion \\(cuda\\): h must be a CUDA tensor"):
         fusion.fwd(x, torch.zeros(2, 25))
+
+
+@pytest.mark.slow
+def test_built_scan_extension_splits_detection_rows_as_the_rule_says(built_extensions):
+    # The binding's split rule (the one the emulation tests check): 8 segments at batch 2, D 128, 66,600 tokens on a
+    # 132-SM GPU; none for classification at batch 128.
+    scan = load("_selective_scan_cuda", built_extensions[0]["_selective_scan_cuda"])
+    assert scan.split_segments(2, 128, 66_600, 132) == 8
+    assert scan.split_segments(128, 128, 3_136, 132) == 1
 
 
 REGISTRATION_CHECK = """

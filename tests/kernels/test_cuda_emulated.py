@@ -81,6 +81,8 @@ def emulated(tmp_path_factory) -> ctypes.CDLL:
     assert result.returncode == 0, result.stderr
     lib = ctypes.CDLL(str(library))
     lib.emu_scan_bwd_dim_groups.restype = ctypes.c_int64
+    lib.emu_scan_split_segments.restype = ctypes.c_int64
+    lib.emu_scan_segment_length.restype = ctypes.c_int64
     lib.emu_dwconv2d_wgrad_partials.restype = ctypes.c_int64
     lib.emu_fusion_tiles.restype = ctypes.c_int64
     return lib
@@ -94,25 +96,27 @@ def _sizes(*values):
     return [ctypes.c_int64(v) for v in values]
 
 
-def emulated_scan(lib, inputs, delta_softplus, dhs):
-    """hs and gradients as spatial_mamba._selective_scan_cuda returns them, from the emulated kernels."""
+def emulated_scan(lib, inputs, delta_softplus, dhs, segments=1):
+    """hs and gradients as spatial_mamba._selective_scan_cuda returns them, from the emulated kernels, with rows cut
+    into ``segments`` segments (the binding takes the count from the split rule)."""
     u, delta, A, B, bias = (inputs[k] for k in ("u", "delta", "A", "B", "delta_bias"))
     batch, dim, length = u.shape
     kind = KIND[u.dtype]
     hs = torch.full((batch, dim, 1, length), float("nan"))
     common = [kind, _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(bias), int(delta_softplus)]
-    assert lib.emu_scan_fwd(*common, _ptr(hs), *_sizes(batch, dim, length)) == 0
+    assert lib.emu_scan_fwd(*common, _ptr(hs), *_sizes(batch, dim, length, segments)) == 0
     du, ddelta = torch.full_like(u, float("nan")), torch.full_like(delta, float("nan"))
     dB_partial = torch.full((batch, lib.emu_scan_bwd_dim_groups(ctypes.c_int64(dim)), length), float("nan"))
-    dA_partial, ddelta_bias_partial = torch.zeros(batch, dim), torch.zeros(batch, dim)
+    dA_partial, ddelta_bias_partial = torch.zeros(segments, batch, dim), torch.zeros(segments, batch, dim)
     outputs = [du, ddelta, dB_partial, dA_partial, ddelta_bias_partial]
-    assert lib.emu_scan_bwd(*common, _ptr(hs), _ptr(dhs), *map(_ptr, outputs), *_sizes(batch, dim, length)) == 0
+    sizes = _sizes(batch, dim, length, segments)
+    assert lib.emu_scan_bwd(*common, _ptr(hs), _ptr(dhs), *map(_ptr, outputs), *sizes) == 0
     grads = {
         "u": du,
         "delta": ddelta,
-        "A": dA_partial.sum(0).view(dim, 1),
+        "A": dA_partial.sum((0, 1)).view(dim, 1),
         "B": dB_partial.sum(1, keepdim=True).to(B.dtype),
-        "delta_bias": ddelta_bias_partial.sum(0),
+        "delta_bias": ddelta_bias_partial.sum((0, 1)),
     }
     if bias is None:
         del grads["delta_bias"]
@@ -146,6 +150,90 @@ def test_emulated_selective_scan_matches_reference(emulated, shape, dtype, delta
     inputs, dhs = scan_inputs(*shape, dtype, delta_softplus, with_bias, device="cpu")
     hs, grads = emulated_scan(emulated, inputs, delta_softplus, dhs)
     check_scan(hs, grads, inputs, delta_softplus, dhs)
+
+
+# Split rows, (batch, D, L, segments, dtype): a ragged last segment (1000 = 3 x 256 + 232) on the vector path, odd
+# rows on the scalar path with idle warps in the backward's channel groups (D = 9), a last segment of one token
+# (257), and eight full segments over three channel groups.
+# (Without softplus and bias on one case.)
+SPLIT_CASES = [
+    (1, 3, 1000, 4, torch.float32, True),
+    (2, 9, 1001, 4, torch.bfloat16, True),
+    (2, 9, 1001, 4, torch.bfloat16, False),
+    (1, 2, 257, 2, torch.float16, True),
+    (1, 17, 2048, 8, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_emulated_split_rows_match_reference(emulated, case):
+    *shape, segments, dtype, delta_softplus = case
+    with_bias = delta_softplus
+    piece = emulated.emu_scan_segment_length(*_sizes(shape[-1], segments))
+    assert -(-shape[-1] // piece) == segments  # the case really has that many segments
+    inputs, dhs = scan_inputs(*shape, dtype, delta_softplus, with_bias, device="cpu")
+    hs, grads = emulated_scan(emulated, inputs, delta_softplus, dhs, segments)
+    check_scan(hs, grads, inputs, delta_softplus, dhs)
+
+
+@pytest.mark.slow
+def test_emulated_split_rows_match_reference_on_a_detection_row(emulated):
+    # A 1333x800 image at stride 4 is 66,600 tokens; at batch 2 and D = 128 the rule cuts rows into 8 segments on a
+    # 132-SM GPU. Two such rows here, bfloat16 inputs, against the float64 loop.
+    segments = emulated.emu_scan_split_segments(*_sizes(2, 128, 66_600, 132))
+    assert segments == 8
+    inputs, dhs = scan_inputs(1, 2, 66_600, torch.bfloat16, device="cpu")
+    hs, grads = emulated_scan(emulated, inputs, True, dhs, segments)
+    check_scan(hs, grads, inputs, True, dhs)
+
+
+def _split_segments(lib, batch, dim, length, sm_count):
+    return lib.emu_scan_split_segments(*_sizes(batch, dim, length, sm_count))
+
+
+def test_split_rule_cuts_only_rows_too_few_for_the_gpu(emulated):
+    sm = 132  # an H100 or H200
+    # Detection (batch 2, D 128, 66,600 tokens): 256 rows, 8 segments of 8,448 positions (the last one 7,464):
+    # 2,048 warps, within 16 per SM.
+    assert _split_segments(emulated, 2, 128, 66_600, sm) == 8
+    assert emulated.emu_scan_segment_length(*_sizes(66_600, 8)) == 8_448
+    # Rows enough for half the target or more (classification at batch 128), rows of one token, or rows shorter
+    # than two minimum segments: not split.
+    assert _split_segments(emulated, 128, 128, 3_136, sm) == 1
+    assert _split_segments(emulated, 2, 529, 66_600, sm) == 1
+    assert _split_segments(emulated, 2, 128, 1, sm) == 1
+    assert _split_segments(emulated, 1, 1, 4_095, sm) == 1
+    assert _split_segments(emulated, 1, 1, 4_096, sm) == 2
+    # A smaller GPU needs fewer segments; one row of 10**6 tokens stops at 32 segments.
+    assert _split_segments(emulated, 2, 128, 66_600, 16) == 1
+    assert _split_segments(emulated, 2, 64, 66_600, 16) == 2
+    assert _split_segments(emulated, 1, 1, 10**6, sm) == 32
+
+
+@pytest.mark.parametrize("sm_count", [16, 78, 132])
+def test_split_rule_gives_valid_segments(emulated, sm_count):
+    # Whatever the shape: segments of whole 256-position steps that cover the row with none empty, at least 2,048
+    # positions each when split; never more warps than the target (16 per SM: one wave), and as many segments as fit
+    # in it unless the row length or the 32-segment cap stops them (whole steps per segment cost at most 1 in 9
+    # segments of at least 2,048 positions).
+    target = 16 * sm_count
+    for rows in (1, 3, 8, 100, 256, 1_000, 2_111, 2_112):
+        for length in (1, 255, 4_095, 4_096, 4_097, 10_000, 66_600, 200_001):
+            segments = _split_segments(emulated, 1, rows, length, sm_count)
+            piece = emulated.emu_scan_segment_length(*_sizes(length, segments))
+            assert 1 <= segments <= 32 and piece % 256 == 0
+            assert (segments - 1) * piece < length <= segments * piece, (rows, length, segments, piece)
+            if segments > 1:
+                assert piece >= 2_048 and rows * segments <= target
+            assert 9 * segments >= 8 * min(target // rows, 32, length // 2_048), (rows, length, segments)
+
+
+def test_emulated_scan_launchers_refuse_invalid_segment_counts(emulated):
+    # 64 positions cannot be cut into 2 segments of whole steps; 33 segments exceed the warp-scan carry.
+    null = [None] * 5
+    assert emulated.emu_scan_fwd(0, *null, 1, None, *_sizes(1, 1, 64, 2)) != 0
+    assert emulated.emu_scan_fwd(0, *null, 1, None, *_sizes(1, 1, 33 * 256, 33)) != 0
+    assert emulated.emu_scan_bwd(0, *null, 1, *[None] * 7, *_sizes(1, 1, 64, 2)) != 0
 
 
 # (batch, C, H, W, kernel size, dilation, dtype): one pixel, thin and tiny planes, the SASF branches and the merged
@@ -234,7 +322,7 @@ def test_emulated_softplus_keeps_float32_accuracy(emulated):
     }
     hs = torch.full((1, channels, 1, 1), float("nan"))
     pointers = [_ptr(inputs[k]) for k in ("u", "delta", "A", "B", "delta_bias")]
-    assert emulated.emu_scan_fwd(0, *pointers, 1, _ptr(hs), *_sizes(1, channels, 1)) == 0
+    assert emulated.emu_scan_fwd(0, *pointers, 1, _ptr(hs), *_sizes(1, channels, 1, 1)) == 0
     value = raw.double()
     expected = torch.where(value <= 20, torch.log1p(torch.exp(value.clamp(max=20))), value)
     torch.testing.assert_close(hs.flatten().double(), expected, rtol=4 * 2.0**-24, atol=0)
@@ -244,5 +332,5 @@ def test_emulated_scan_launchers_refuse_rows_beyond_32_bit_positions(emulated):
     # Positions inside a row are 32-bit; longer rows are refused before any launch (the binding says why).
     too_long = 2**31
     null = [None] * 5
-    assert emulated.emu_scan_fwd(0, *null, 1, None, *_sizes(1, 1, too_long)) != 0
-    assert emulated.emu_scan_bwd(0, *null, 1, *[None] * 7, *_sizes(1, 1, too_long)) != 0
+    assert emulated.emu_scan_fwd(0, *null, 1, None, *_sizes(1, 1, too_long, 1)) != 0
+    assert emulated.emu_scan_bwd(0, *null, 1, *[None] * 7, *_sizes(1, 1, too_long, 1)) != 0
