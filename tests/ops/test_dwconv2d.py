@@ -12,21 +12,9 @@ import torch
 import torch.nn as nn
 
 from spatial_mamba.ops import backend, depthwise_conv2d_replicate
+from tests.kernels.parity import clamped_gather_conv
 
 SIZES = [(1, 1), (1, 5), (2, 3), (7, 7), (13, 9)]
-
-
-def clamped_gather_conv(x, weight, dilation):
-    """y[b, c, i, j] = Σ_pq w[c, p, q] x[b, c, clamp(i + d (p - k//2)), clamp(j + d (q - k//2))]."""
-    height, width = x.shape[-2:]
-    half = weight.shape[-1] // 2
-    out = torch.zeros_like(x)
-    for p in range(weight.shape[-2]):
-        rows = (torch.arange(height) + dilation * (p - half)).clamp(0, height - 1)
-        for q in range(weight.shape[-1]):
-            cols = (torch.arange(width) + dilation * (q - half)).clamp(0, width - 1)
-            out = out + weight[:, 0, p, q][None, :, None, None] * x[:, :, rows][:, :, :, cols]
-    return out
 
 
 def torch_replicate_conv(x, weight, dilation):

@@ -12,16 +12,7 @@ import torch
 
 from spatial_mamba.ops import FUSION_OFFSETS, backend, fusion_taps, merge_state_fusion_kernels, state_fusion
 from spatial_mamba.ops.state_fusion import state_fusion_ref
-
-SIZES = [(1, 1), (1, 7), (2, 3), (5, 5), (6, 11), (12, 12)]
-
-
-def make(batch, channels, size, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(batch, channels, *size, generator=gen, dtype=torch.float64).to(dtype)
-    kernels = [torch.randn(channels, 1, 3, 3, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3)]
-    alpha = torch.randn(3, generator=gen, dtype=torch.float64).to(dtype)
-    return h.requires_grad_(), [k.requires_grad_() for k in kernels], alpha.requires_grad_()
+from tests.ops.test_state_fusion import SIZES, make
 
 
 def gathered(h, taps):
