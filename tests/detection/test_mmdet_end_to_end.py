@@ -131,9 +131,7 @@ def test_test_script_rejects_a_missing_checkpoint_naming_it(setup):
 
 # --- mmdet's own analysis tools (shipped in the installed package) on the run above ----------------------------------
 def test_mmdet_analyze_logs_plots_curves_and_times_iterations_of_the_run(trained, tmp_path):
-    pytest.importorskip(
-        "seaborn", reason="mmdet's analysis_tools/analyze_logs.py imports seaborn (requirements-mm.txt)"
-    )
+    pytest.importorskip("seaborn", reason="mmdet's analysis_tools/analyze_logs.py imports seaborn: pip install seaborn")
     from PIL import Image
 
     work_dir, _, _ = trained
@@ -150,9 +148,16 @@ def test_mmdet_analyze_logs_plots_curves_and_times_iterations_of_the_run(trained
     assert drawing.shape == (480, 640) and drawing.std() > 0  # matplotlib's default 6.4x4.8 inch figure, 100 dpi
 
     # One record per epoch (4 iterations logged every 4): the tool's default drops each epoch's first record, which
-    # would leave nothing; --include-outliers keeps them.
-    out = run_mmdet_tool("analysis_tools/analyze_logs.py", "cal_train_time", log, "--include-outliers", cwd=tmp_path)
-    times = [s["time"] for s in _scalars(log) if "loss" in s]
+    # would leave nothing; --include-outliers keeps them. The tool files each record under the previous record's
+    # epoch, so the validation record mmengine appends after the last epoch becomes an epoch of its own without
+    # times (average: nan); the training records alone are what it expects.
+    records = [s for s in _scalars(log) if "loss" in s]
+    training = tmp_path / "training.json"
+    training.write_text("".join(json.dumps(s) + "\n" for s in records))
+    out = run_mmdet_tool(
+        "analysis_tools/analyze_logs.py", "cal_train_time", training, "--include-outliers", cwd=tmp_path
+    )
+    times = [s["time"] for s in records]
     average = float(re.search(r"average iter time: ([\d.]+) s/iter", out).group(1))
     assert min(times) - 1e-4 <= average <= max(times) + 1e-4, (average, times)
 
@@ -202,4 +207,5 @@ def test_mmdet_browse_dataset_draws_the_training_pipeline_output(setup, tmp_path
         drawn = np.asarray(Image.open(drawing), dtype=np.float64)
         source = np.asarray(Image.open(tmp / "coco" / "train2017" / drawing.name), dtype=np.float64)
         assert drawn.shape == source.shape
-        assert min(np.abs(drawn - source).mean(), np.abs(drawn - source[:, ::-1]).mean()) > 1.0  # either flip
+        # Either flip; measured: 6 or more, where re-encoding the source alone differs by less than 0.6.
+        assert min(np.abs(drawn - source).mean(), np.abs(drawn - source[:, ::-1]).mean()) > 2.0
