@@ -129,7 +129,7 @@ def test_mmseg_analyze_logs_plots_the_training_losses_from_the_run(trained, tmp_
     )
     for key in keys:
         assert f"plot curve of {log}, metric is {key}" in out, out[-2000:]
-    # The tool's reader keys the records by "step" (mmengine's iteration number), one loss per logged iteration.
+    assert f"save curve to: {curve}" in out, out[-2000:]
     drawing = np.asarray(Image.open(curve).convert("L"))
     assert drawing.shape == (480, 640) and drawing.std() > 0  # matplotlib's default 6.4x4.8 inch figure, 100 dpi
 
