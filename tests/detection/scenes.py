@@ -1,7 +1,8 @@
 """Small generated scenes for the OpenMMLab end-to-end tests, written in the COCO and ADE20K layouts.
 
 Each scene is a smooth random background with a few of scikit-learn's 8x8 handwritten digits (real data that needs
-no download) upscaled, coloured and pasted on it; the pasted pixels give exact instance masks and class maps.
+no download) upscaled, coloured and pasted on it; the pasted pixels give exact instance masks and class maps. Also here:
+the narrow Mask R-CNN config of the detection tests, and a runner for mmdet's own tools.
 """
 
 from __future__ import annotations
@@ -18,25 +19,36 @@ DIGIT_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", 
 
 
 def make_scene(
-    rng: np.random.Generator, size: int = 96, max_objects: int = 3
+    rng: np.random.Generator,
+    size: int = 96,
+    max_objects: int = 3,
+    digits: Sequence[int] | None = None,
+    sides: Tuple[float, float] = (0.25, 0.5),
 ) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]:
-    """Returns an RGB image (size, size, 3) uint8 and its visible instances as (digit, boolean mask) pairs."""
-    digits = load_digits()
+    """Returns an RGB image (size, size, 3) uint8 and its visible instances as (digit, boolean mask) pairs: 1 to
+    ``max_objects`` glyphs of the given ``digits`` (all ten by default), each a square of side in ``sides`` (fractions
+    of ``size``, upper bound excluded)."""
+    dataset = load_digits()
+    pool = np.arange(len(dataset.target)) if digits is None else np.flatnonzero(np.isin(dataset.target, digits))
+    if len(pool) == 0:
+        raise ValueError(f"digits={digits!r}: expected some of 0-9")
     yy, xx = np.mgrid[0:size, 0:size] / size
     low, high = rng.uniform(0, 110, 3), rng.uniform(0, 110, 3)
     image = low + (high - low) * (0.5 * (yy + xx))[..., None] + rng.normal(0, 4, (size, size, 3))
     instances: List[Tuple[int, np.ndarray]] = []
     for _ in range(rng.integers(1, max_objects + 1)):
-        index = rng.integers(len(digits.images))
-        side = int(rng.integers(size // 4, size // 2))
-        glyph = Image.fromarray((digits.images[index] * 255 / 16).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+        index = pool[rng.integers(len(pool))]
+        side = int(rng.integers(int(size * sides[0]), int(size * sides[1])))
+        glyph = Image.fromarray((dataset.images[index] * 255 / 16).astype(np.uint8)).resize(
+            (side, side), Image.BILINEAR
+        )
         mask = np.zeros((size, size), bool)
         top, left = rng.integers(0, size - side, 2)
         mask[top : top + side, left : left + side] = np.asarray(glyph) > 96
         image[mask] = rng.uniform(160, 255, 3)
         # Later digits occlude earlier ones: keep only the visible part of each mask.
         instances = [(label, m & ~mask) for label, m in instances]
-        instances.append((int(digits.target[index]), mask))
+        instances.append((int(dataset.target[index]), mask))
     instances = [(label, m) for label, m in instances if m.sum() >= 16]
     return np.clip(image, 0, 255).astype(np.uint8), instances
 
@@ -75,8 +87,9 @@ def write_coco(root: Path, splits: Sequence[Tuple[str, int]], seed: int = 0, siz
         )
 
 
-def write_ade20k(root: Path, splits: Sequence[Tuple[str, int]], seed: int = 0, size: int = 96) -> None:
-    """Writes ``root/images/{split}/*.jpg`` and ``root/annotations/{split}/*.png``.
+def write_ade20k(root: Path, splits: Sequence[Tuple[str, int]], seed: int = 0, size: int = 96, **scene) -> None:
+    """Writes ``root/images/{split}/*.jpg`` and ``root/annotations/{split}/*.png``; ``scene`` goes to
+    :func:`make_scene` (``max_objects``, ``digits``, ``sides``).
 
     ADE20K label maps keep 0 for "other" (dropped by ``reduce_zero_label``); here the background is label 1 and digit
     d is label d + 2, i.e. classes 0 and d + 1 after the reduction.
@@ -86,7 +99,7 @@ def write_ade20k(root: Path, splits: Sequence[Tuple[str, int]], seed: int = 0, s
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
         for index in range(count):
-            image, instances = make_scene(rng, size)
+            image, instances = make_scene(rng, size, **scene)
             labels = np.ones((size, size), np.uint8)
             for digit, mask in instances:
                 labels[mask] = digit + 2
@@ -163,3 +176,21 @@ def write_mask_rcnn_config(path: Path, data: Path, pretrained: Path | None) -> P
         )
     )
     return path
+
+
+def run_mmdet_tool(tool: str, *args, cwd: Path) -> str:
+    """Runs ``mmdet/.mim/tools/<tool>`` unchanged, from outside the repository, with mmseg made unimportable: only
+    the config's ``custom_imports`` can register the backbone."""
+    import subprocess
+    import sys
+
+    import mmdet
+
+    path = Path(mmdet.__file__).parent / ".mim" / "tools" / tool
+    code = (
+        "import runpy, sys; sys.modules['mmseg'] = None; "
+        f"sys.argv = {[str(path), *map(str, args)]!r}; runpy.run_path({str(path)!r}, run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{tool} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout + result.stderr

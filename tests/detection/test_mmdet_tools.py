@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ pytestmark = pytest.mark.mm
 from openmmlab_tools import checkpoints, cli  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scenes import write_coco, write_mask_rcnn_config  # noqa: E402
+from scenes import run_mmdet_tool, write_coco, write_mask_rcnn_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "detection" / "configs" / "spatialmamba" / "mask_rcnn_spatialmamba_fpn_coco_tiny.py"
@@ -170,28 +169,13 @@ def narrow_config(tmp_path_factory):
     return write_mask_rcnn_config(tmp / "narrow.py", tmp / "coco", None)
 
 
-def _run_mmdet_tool(tool: str, *args, cwd: Path) -> str:
-    """Runs ``mmdet/.mim/tools/<tool>`` unchanged, from outside the repository, with mmseg made unimportable: only
-    the config's ``custom_imports`` can register the backbone."""
-    import mmdet
-
-    path = Path(mmdet.__file__).parent / ".mim" / "tools" / tool
-    code = (
-        "import runpy, sys; sys.modules['mmseg'] = None; "
-        f"sys.argv = {[str(path), *map(str, args)]!r}; runpy.run_path({str(path)!r}, run_name='__main__')"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{tool} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result.stdout + result.stderr
-
-
 def test_mmdet_get_flops_builds_our_detector_from_the_config(narrow_config, tmp_path):
     from mmdet.registry import MODELS
     from mmengine.analysis.print_helper import _format_size
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
 
-    out = _run_mmdet_tool("analysis_tools/get_flops.py", narrow_config, "--num-images", "1", cwd=tmp_path)
+    out = run_mmdet_tool("analysis_tools/get_flops.py", narrow_config, "--num-images", "1", cwd=tmp_path)
     cfg = Config.fromfile(narrow_config)
     with DefaultScope.overwrite_default_scope("mmdet"):
         params = sum(p.numel() for p in MODELS.build(cfg.model).parameters())
@@ -204,7 +188,7 @@ def test_mmdet_benchmark_loads_the_dataset_through_our_config(narrow_config, tmp
     pytest.importorskip("psutil", reason="mmdet's benchmark.py needs psutil (requirements-mm.txt)")
     # mmdet 3.3's inference benchmark moves the model to CUDA unconditionally; its dataloader and dataset benchmarks
     # run anywhere and check that the config's pipelines and imports work.
-    out = _run_mmdet_tool(
+    out = run_mmdet_tool(
         "analysis_tools/benchmark.py",
         narrow_config,
         "--task",

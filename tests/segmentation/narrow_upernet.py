@@ -24,12 +24,14 @@ def _shrunk(pipeline):
     return out
 
 
-def write_config(path: Path, data_root: Path, max_iters: int = 40) -> Path:
+def write_config(path: Path, data_root: Path, max_iters: int = 40, num_classes: int | None = None) -> Path:
     """The tiny config with a narrow backbone and heads, the data under ``data_root``, all image scales (training,
     test and TTA) divided by SHRINK, and a constant, higher learning rate so that a few dozen iterations learn
-    something; the rest (the heads' SyncBN, AdamW, 3-scale flip TTA, IoU metric) is the config's own. Returns
-    ``path``."""
+    something; the rest (the heads' SyncBN, AdamW, 3-scale flip TTA, IoU metric) is the config's own. With
+    ``num_classes``, the datasets keep only ADE20K's first ``num_classes`` classes (mmseg maps every other label to
+    the ignored 255) and the heads predict that many. Returns ``path``."""
     from mmengine.config import Config
+    from mmseg.datasets import ADE20KDataset
 
     cfg = Config.fromfile(TINY)
     cfg.model.backbone.update(dims=16, depths=(1, 1, 1, 1), drop_path_rate=0.0, pretrained=None)
@@ -39,6 +41,10 @@ def write_config(path: Path, data_root: Path, max_iters: int = 40) -> Path:
     for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
         loader.update(num_workers=0, persistent_workers=False)
         loader.dataset.update(data_root=str(data_root), pipeline=_shrunk(loader.dataset.pipeline))
+        if num_classes is not None:
+            loader.dataset.metainfo = dict(classes=ADE20KDataset.METAINFO["classes"][:num_classes])
+    if num_classes is not None:
+        cfg.model.decode_head.num_classes = cfg.model.auxiliary_head.num_classes = num_classes
     cfg.tta_pipeline = _shrunk(cfg.tta_pipeline)
     cfg.optim_wrapper.optimizer.lr = 2e-3
     cfg.param_scheduler = []
@@ -48,3 +54,21 @@ def write_config(path: Path, data_root: Path, max_iters: int = 40) -> Path:
     cfg.default_hooks.checkpoint.interval = max_iters
     cfg.dump(path)
     return path
+
+
+def run_mmseg_tool(tool: str, *args, cwd: Path) -> str:
+    """Runs ``mmseg/.mim/tools/<tool>`` unchanged, from outside the repository, with mmdet made unimportable: only
+    the config's ``custom_imports`` can register the backbone."""
+    import subprocess
+    import sys
+
+    import mmseg
+
+    path = Path(mmseg.__file__).parent / ".mim" / "tools" / tool
+    code = (
+        "import runpy, sys; sys.modules['mmdet'] = None; "
+        f"sys.argv = {[str(path), *map(str, args)]!r}; runpy.run_path({str(path)!r}, run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{tool} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout + result.stderr

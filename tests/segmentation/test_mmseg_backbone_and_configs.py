@@ -31,7 +31,7 @@ from openmmlab_tools import cli  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "detection"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from narrow_upernet import write_config  # noqa: E402
+from narrow_upernet import run_mmseg_tool, write_config  # noqa: E402
 from scenes import write_ade20k  # noqa: E402
 
 
@@ -244,21 +244,6 @@ def test_out_and_show_dir_write_label_maps_and_drawings_where_mmseg_does(tmp_pat
 
 
 # --- mmseg's own tools (shipped in the installed package) on our configs ---------------------------------------------
-def _run_mmseg_tool(tool: str, *args, cwd: Path) -> str:
-    """Runs ``mmseg/.mim/tools/<tool>`` unchanged, from outside the repository, with mmdet made unimportable: only
-    the config's ``custom_imports`` can register the backbone."""
-    import mmseg
-
-    path = Path(mmseg.__file__).parent / ".mim" / "tools" / tool
-    code = (
-        "import runpy, sys; sys.modules['mmdet'] = None; "
-        f"sys.argv = {[str(path), *map(str, args)]!r}; runpy.run_path({str(path)!r}, run_name='__main__')"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{tool} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result.stdout + result.stderr
-
-
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory):
     """The narrow UPerNet of the end-to-end test on two generated scenes."""
@@ -271,7 +256,17 @@ def test_mmseg_benchmark_runs_our_segmentor_from_the_config(narrow):
     tmp, config = narrow
     # mmseg's benchmark takes no --cfg-options and reports FPS only after 200 test images (too slow for CI on 2
     # cores): here it runs our segmentor on the two scenes, and the result file says that no FPS was measured.
-    out = _run_mmseg_tool("analysis_tools/benchmark.py", config, "unused.pth", "--work-dir", tmp / "fps", cwd=tmp)
+    out = run_mmseg_tool("analysis_tools/benchmark.py", config, "unused.pth", "--work-dir", tmp / "fps", cwd=tmp)
     assert "Average fps of 1 evaluations" in out, out[-2000:]
     (result,) = (tmp / "fps").glob("fps_*.json")
     assert json.loads(result.read_text())["config"] == str(config)
+
+
+def test_mmseg_get_flops_is_broken_upstream_for_every_model(narrow):
+    """mmseg 1.2.2's analysis_tools/get_flops.py hands both ``input_shape`` and ``inputs`` to mmengine 0.10.7's
+    ``get_model_complexity_info``, which refuses that before looking at the model (the segmentation README points to
+    our ``tools/get_flops.py`` instead). When this test fails, the upstream tool works again: test it on our config as
+    mmdet's is."""
+    tmp, config = narrow
+    with pytest.raises(AssertionError, match='"input_shape" and "inputs" cannot be both set'):
+        run_mmseg_tool("analysis_tools/get_flops.py", config, "--shape", "64", "64", cwd=tmp)
