@@ -126,12 +126,14 @@ def _assert_near(got, expected, relative, name):
 
 @pytest.mark.slow
 def test_torch_compile_trains_like_eager():
-    """Two SGD steps of a compiled and an eager copy of one model agree: the losses, the first step's gradients, the
-    weights after the second step. ``fullgraph=True`` makes any graph break an error, so the token mixer (under
-    activation checkpointing in training), the scan and the state fusion are compiled, not left to eager fallbacks.
+    """Two SGD steps of a compiled and an eager copy of one model agree: the logits of both steps, the first step's
+    gradients, the weights after the second step. ``fullgraph=True`` makes any graph break an error, so the token
+    mixer (under activation checkpointing in training), the scan and the state fusion are compiled, not left to eager
+    fallbacks.
 
     Measured (float32, other summation orders): logits within 6.6e-6 (max |logit| 0.41); gradients within 7.2e-5 of
-    each tensor's largest entry; weights after two steps within 3.4e-6. Allowed: 5e-4, and 2e-5 for the weights."""
+    each tensor's largest entry; weights after two steps within 3.4e-6. Allowed: 1e-4 of the largest logit, 5e-4 of
+    the largest gradient entry (each plus 1e-6), and 2e-5 for the weights."""
     torch.manual_seed(0)
     model = spatial_mamba.SpatialMamba(**NARROW).train()
     eager = copy.deepcopy(model)
