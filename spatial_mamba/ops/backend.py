@@ -197,7 +197,10 @@ def _reasons(op: str, backend: str, tensors: Sequence, on_cuda: bool) -> List[st
 
 
 def _announce(choice: Choice, warn: bool = False):
-    if (choice.op, choice.backend) in _ANNOUNCED:
+    # torch.compile cannot trace a logging call without breaking the graph there: choices made while it traces are
+    # not announced (the first eager call announces them). Tested first: reading the set while tracing would make
+    # the compiled graph depend on its contents, and an eager call that adds to it would force a recompilation.
+    if torch.compiler.is_compiling() or (choice.op, choice.backend) in _ANNOUNCED:
         return
     _ANNOUNCED.add((choice.op, choice.backend))
     message = f"spatial_mamba: {choice.op} runs on the {choice.summary()}"

@@ -10,6 +10,26 @@ from . import backend
 __all__ = ["depthwise_conv2d_replicate", "depthwise_conv2d_replicate_ref"]
 
 
+def _replicate_pad_adjoint(grad_padded: torch.Tensor, pad: int, height: int, width: int) -> torch.Tensor:
+    """The gradient w.r.t. x of ``F.pad(x, (pad,) * 4, mode="replicate")`` (x of height x width) from the gradient
+    w.r.t. the padded tensor, in slices and sums: the ``pad`` rows above x's first row (and below its last) fold onto
+    that row, then the columns likewise; a side of 1 folds all of its rows (columns) onto one.
+
+    The same function as ``aten.replication_pad2d_backward``, in plain ops that torch.compile's inductor fuses into one
+    kernel; inductor rejects that aten op's output strides (the strides its fake kernel gives differ from the real
+    kernel's). Eager calls keep the aten kernel, which is the faster of the two on the CPU
+    (``benchmarks/dwconv_cpu.py``).
+    """
+    for dim, size in ((-2, height), (-1, width)):
+        if size == 1:
+            grad_padded = grad_padded.sum(dim, keepdim=True)
+            continue
+        first = grad_padded.narrow(dim, 0, pad + 1).sum(dim, keepdim=True)
+        last = grad_padded.narrow(dim, pad + size - 1, pad + 1).sum(dim, keepdim=True)
+        grad_padded = torch.cat([first, grad_padded.narrow(dim, pad + 1, size - 2), last], dim)
+    return grad_padded
+
+
 class _DepthwiseConvReplicateCPU(torch.autograd.Function):
     """The reference convolution with a backward written for the CPU.
 
@@ -38,7 +58,10 @@ class _DepthwiseConvReplicateCPU(torch.autograd.Function):
             grad_padded = F.conv2d(
                 F.pad(grad_out, (2 * pad,) * 4), weight.flip(-1, -2), dilation=dilation, groups=channels
             )
-            grad_x = torch.ops.aten.replication_pad2d_backward(grad_padded, x, [pad] * 4)
+            if torch.compiler.is_compiling():
+                grad_x = _replicate_pad_adjoint(grad_padded, pad, height, width)
+            else:
+                grad_x = torch.ops.aten.replication_pad2d_backward(grad_padded, x, [pad] * 4)
         if ctx.needs_input_grad[1] and batch == 0:
             grad_w = torch.zeros_like(weight)
         elif ctx.needs_input_grad[1]:

@@ -84,17 +84,26 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
     order = range(chunk - 1, -1, -1) if reverse else range(chunk)
     first, rest = order[0], order[1:]
 
+    # Eager calls reuse buffers through out= rather than allocating a tensor per step; torch.compile does not trace
+    # out= into a strided view and plans its own buffers, so it gets the functional form.
+    compiling = torch.compiler.is_compiling()
     end = drive[..., first, :].clone()
     for i in rest:
-        # out= reuses one buffer rather than allocating a tensor per step.
-        torch.addcmul(drive[..., i, :], decay[..., i, :], end, out=end)
+        end = torch.addcmul(drive[..., i, :], decay[..., i, :], end, out=None if compiling else end)
 
     # carry[c]: the state entering chunk c from its neighbour (chunk c - 1, or c + 1 in reverse).
     end, chunk_decay = end.movedim(-1, 0), chunk_decay.movedim(-1, 0)
-    carry = torch.zeros_like(end)
     neighbour = 1 if reverse else -1
-    for c in range(count - 2, -1, -1) if reverse else range(1, count):
-        torch.addcmul(end[c + neighbour], chunk_decay[c + neighbour], carry[c + neighbour], out=carry[c])
+    steps = range(count - 2, -1, -1) if reverse else range(1, count)
+    if compiling:
+        carries = [torch.zeros_like(end[0])]
+        for c in steps:
+            carries.append(torch.addcmul(end[c + neighbour], chunk_decay[c + neighbour], carries[-1]))
+        carry = torch.stack(carries[::-1] if reverse else carries)
+    else:
+        carry = torch.zeros_like(end)
+        for c in steps:
+            torch.addcmul(end[c + neighbour], chunk_decay[c + neighbour], carry[c + neighbour], out=carry[c])
 
     state = carry.movedim(0, -1)
     for i in order:
@@ -113,7 +122,9 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     w = y + 1
     correction = (w - 1).sub_(y).div_(w)
     out = w.log_().sub_(correction)
-    if x.numel() and bool(x.max() > _SOFTPLUS_THRESHOLD):
+    # The branch spares eager calls a pass when no value is above the threshold; torch.compile would break its graph
+    # on the data-dependent test, and fuses the select anyway.
+    if torch.compiler.is_compiling() or (x.numel() and bool(x.max() > _SOFTPLUS_THRESHOLD)):
         out = torch.where(x > _SOFTPLUS_THRESHOLD, x, out)
     return out
 
@@ -178,9 +189,12 @@ def _backward(dhs, u, delta, A, B, delta_bias, delta_softplus, hs, dt):
     w = torch.mul(decay, _chunk_view(dhs.to(dtype), chunk, count), out=torch.empty_like(decay))
     w = _from_chunks(_chunked_scan(decay, w, chunk_decay, reverse=True), length)
     del decay, chunk_decay
-    g = torch.empty_like(hs)
-    g[..., -1] = dhs[..., -1]
-    torch.add(dhs[..., :-1], w[..., 1:], out=g[..., :-1])
+    if torch.compiler.is_compiling():  # no out= into a strided view under torch.compile (see ``_chunked_scan``)
+        g = torch.cat([torch.add(dhs[..., :-1], w[..., 1:]), dhs[..., -1:]], -1).to(dtype)
+    else:
+        g = torch.empty_like(hs)
+        g[..., -1] = dhs[..., -1]
+        torch.add(dhs[..., :-1], w[..., 1:], out=g[..., :-1])
     # q_t = a_t g_t x_{t-1} (x_{-1} = 0): the decayed state's share of step t, which carries d/d(Δ A); made in w.
     q = w
     q[..., 0] = 0

@@ -105,3 +105,18 @@ def test_forced_cuda_backend_on_cpu_tensors_raises(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "cuda")
     with pytest.raises(RuntimeError, match=f"{backend.ENV_VAR}=cuda"):
         depthwise_conv2d_replicate(torch.zeros(1, 2, 4, 4), torch.zeros(2, 1, 3, 3))
+
+
+@pytest.mark.parametrize("height, width, pad", [(1, 1, 5), (1, 7, 3), (6, 1, 1), (2, 2, 5), (9, 13, 5), (4, 5, 0)])
+def test_padding_adjoint_traced_by_torch_compile_is_the_autograd_one(height, width, pad):
+    """The slices-and-sums adjoint that torch.compile traces equals autograd's gradient of replicate padding (float64),
+    a side of 1 and padding wider than x included."""
+    from spatial_mamba.ops.dwconv2d import _replicate_pad_adjoint
+
+    g = torch.Generator().manual_seed(height * 100 + width * 10 + pad)
+    x = torch.randn(2, 3, height, width, dtype=torch.float64, generator=g, requires_grad=True)
+    grad_padded = torch.randn(2, 3, height + 2 * pad, width + 2 * pad, dtype=torch.float64, generator=g)
+    (expected,) = torch.autograd.grad(torch.nn.functional.pad(x, (pad,) * 4, mode="replicate"), x, grad_padded)
+    torch.testing.assert_close(
+        _replicate_pad_adjoint(grad_padded, pad, height, width), expected, rtol=1e-12, atol=1e-12
+    )
