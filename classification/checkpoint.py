@@ -15,6 +15,7 @@ and read from there.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -40,6 +41,8 @@ __all__ = [
     "best_ema_accuracy",
     "is_url",
     "fetch",
+    "weights_fingerprint",
+    "state_fingerprint",
 ]
 
 LATEST, BEST, BEST_EMA = "latest_ckpt.pth", "best_ckpt.pth", "best_ckpt_ema.pth"
@@ -215,3 +218,17 @@ def best_ema_accuracy(checkpoint: Mapping[str, Any]) -> float:
         if key in checkpoint:
             return float(checkpoint[key])
     return 0.0
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of every parameter and buffer: equal on all ranks exactly when their weights are equal."""
+    return state_fingerprint(model.state_dict())
+
+
+def state_fingerprint(state_dict) -> str:
+    """:func:`weights_fingerprint` of a state dict (e.g. the ``model`` entry of a checkpoint)."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -38,6 +38,7 @@ from classification.checkpoint import (
     find_resume_file,
     read_checkpoint,
     save_checkpoint,
+    weights_fingerprint,
 )
 from classification.config import UsageError, get_config
 from classification.data import build_dataset, build_loader, check_data_path
@@ -55,7 +56,7 @@ from classification.logger import FILE_ONLY, append_metrics, close_logger, creat
 from classification.models import build_model
 from classification.optim import build_optimizer, build_scheduler, lr_scale
 from classification.plot import plot_training_curves
-from classification.stale_fusion import freeze_fusion_kernels_at_first_eval, weights_fingerprint
+from classification.stale_fusion import freeze_fusion_kernels_at_first_eval
 from spatial_mamba.checkpoint import CheckpointError
 from spatial_mamba.flops import count_flops, count_params
 

@@ -12,16 +12,14 @@ never used the cached kernel).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
 from spatial_mamba.models import StateFusion
-from spatial_mamba.ops import state_fusion
 
-__all__ = ["freeze_fusion_kernels_at_first_eval", "weights_fingerprint", "state_fingerprint"]
+__all__ = ["freeze_fusion_kernels_at_first_eval"]
 
 _KERNELS = ("kernel_3", "kernel_3_1", "kernel_3_2")
 
@@ -36,7 +34,7 @@ def _frozen_output(frozen: Dict[int, Tuple[torch.Tensor, ...]]):
             )
         (h,) = inputs
         weights = frozen[id(module)]
-        fused = state_fusion(h.float(), *(w.float() for w in weights), path="merged")
+        fused = StateFusion.fuse(h.float(), *(w.float() for w in weights), path="merged")
         return fused.to(output.dtype)
 
     return hook
@@ -58,17 +56,3 @@ def freeze_fusion_kernels_at_first_eval(*models: nn.Module | None) -> int:
     if count == 0:
         raise ValueError("TRAIN.STALE_FUSION_KERNEL: the model has no StateFusion module to freeze")
     return count
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """A short hash of every parameter and buffer: equal on all ranks exactly when their weights are equal."""
-    return state_fingerprint(model.state_dict())
-
-
-def state_fingerprint(state_dict) -> str:
-    """:func:`weights_fingerprint` of a state dict (e.g. the ``model`` entry of a checkpoint)."""
-    digest = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]

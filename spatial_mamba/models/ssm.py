@@ -67,11 +67,17 @@ class StateFusion(nn.Module):
         self.alpha = nn.Parameter(torch.ones(3))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        kernels = (self.kernel_3, self.kernel_3_1, self.kernel_3_2)
-        repeats = h.shape[1] // self.kernel_3.shape[0]
-        if repeats > 1:  # d_state > 1: every state map of a channel shares that channel's kernels
+        return self.fuse(h, self.kernel_3, self.kernel_3_1, self.kernel_3_2, self.alpha, self.path)
+
+    @staticmethod
+    def fuse(h: torch.Tensor, kernel_3, kernel_3_1, kernel_3_2, alpha, path: str) -> torch.Tensor:
+        """The fusion of ``h`` (B, C·N, H, W) with the given (C, 1, 3, 3) kernels and alpha: with d_state N > 1 every
+        state map of a channel shares that channel's kernels."""
+        kernels = (kernel_3, kernel_3_1, kernel_3_2)
+        repeats = h.shape[1] // kernel_3.shape[0]
+        if repeats > 1:
             kernels = tuple(k.repeat_interleave(repeats, dim=0) for k in kernels)
-        return state_fusion(h, *kernels, self.alpha, path=self.path)
+        return state_fusion(h, *kernels, alpha, path=path)
 
 
 class StructureAwareSSM(nn.Module):

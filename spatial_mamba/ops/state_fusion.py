@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import backend
 from .dwconv2d import depthwise_conv2d_replicate, depthwise_conv2d_replicate_ref
@@ -43,6 +42,8 @@ FUSION_OFFSETS: Tuple[Tuple[int, int], ...] = ((0, 0),) + tuple(
     (d * i, d * j) for d in DILATIONS for i in (-1, 0, 1) for j in (-1, 0, 1) if (i, j) != (0, 0)
 )
 RADIUS = DILATIONS[-1]
+_SIZE = 2 * RADIUS + 1  # the side of the merged kernel
+_DENSE_INDEX = [(RADIUS + dy) * _SIZE + RADIUS + dx for dy, dx in FUSION_OFFSETS]  # each tap's place in it
 _OUTER = [0, 1, 2, 3, 5, 6, 7, 8]  # the row-major indices of a 3x3 kernel without its centre (4)
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -80,34 +81,21 @@ def fusion_taps(kernel_3, kernel_3_1, kernel_3_2, alpha) -> torch.Tensor:
     return torch.cat([centre, *(w[:, _OUTER] for w in weighted)], dim=1)
 
 
-def _dilate(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
-    """(D, 1, 3, 3) -> (D, 1, 2 d + 1, 2 d + 1) with the taps d apart and zeros between them, out of place."""
-    spaced = F.pad(kernel[:, :, :, None, :, None], (0, dilation - 1, 0, 0, 0, dilation - 1))
-    size = 3 * dilation
-    return spaced.reshape(*kernel.shape[:2], size, size)[..., : size - dilation + 1, : size - dilation + 1]
+def _dense_kernel(taps: torch.Tensor) -> torch.Tensor:
+    """(C, 25) taps -> the (C, 1, 11, 11) kernel with each tap at its offset and zeros elsewhere (differentiable)."""
+    index = torch.tensor(_DENSE_INDEX, device=taps.device)
+    return taps.new_zeros(taps.shape[0], _SIZE * _SIZE).index_copy(1, index, taps).view(-1, 1, _SIZE, _SIZE)
 
 
 def merge_state_fusion_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha) -> torch.Tensor:
-    """The (D, 1, 11, 11) kernel equal to the three branches (the official evaluation path).
+    """The (D, 1, 11, 11) kernel equal to the three branches (the official evaluation path): the 25 taps of
+    ``fusion_taps`` placed at their offsets.
 
     α0·kernel_3 fills rows/cols 4..6, α1·kernel_3_1 the taps {2, 5, 8}², α2·kernel_3_2 the taps {0, 5, 10}², and the
     centre sums the three centre taps. Built out of place, so gradients reach the kernels and alpha. The result is
     float32 (float64 when the kernels are float64).
     """
-    _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha)
-    dtype = _param_dtype(kernel_3, kernel_3_1, kernel_3_2, alpha)
-    placed = [
-        F.pad(_dilate(alpha[index].to(dtype) * kernel.to(dtype), dilation), 4 * (RADIUS - dilation,))
-        for index, (kernel, dilation) in enumerate(zip((kernel_3, kernel_3_1, kernel_3_2), DILATIONS))
-    ]
-    return placed[0] + placed[1] + placed[2]
-
-
-def _dense_kernel(taps: torch.Tensor) -> torch.Tensor:
-    """(C, 25) taps -> the (C, 1, 11, 11) kernel with each tap at its offset and zeros elsewhere (differentiable)."""
-    size = 2 * RADIUS + 1
-    index = torch.tensor([(RADIUS + dy) * size + RADIUS + dx for dy, dx in FUSION_OFFSETS], device=taps.device)
-    return taps.new_zeros(taps.shape[0], size * size).index_copy(1, index, taps).view(-1, 1, size, size)
+    return _dense_kernel(fusion_taps(kernel_3, kernel_3_1, kernel_3_2, alpha))
 
 
 def state_fusion_ref(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from classification.stale_fusion import state_fingerprint
+from classification.checkpoint import state_fingerprint
 
 from .conftest import ROOT, run_torchrun, subprocess_env
 
