@@ -1,5 +1,5 @@
-"""Custom ops of Spatial-Mamba: the hidden-state selective scan, the structure-aware state fusion (25 taps) and the
-replicate-padded depthwise convolution.
+"""Custom ops of Spatial-Mamba: the hidden-state selective scan, the structure-aware state fusion (25 taps), alone or
+fused with the observation step, and the replicate-padded depthwise convolution.
 
 Importing this package registers every backend that exists: the pure-PyTorch reference always, the Triton kernels
 when Triton imports, and the compiled CUDA extension when it was built.
@@ -8,12 +8,13 @@ when Triton imports, and the compiled CUDA extension when it was built.
 from . import backend
 from .dwconv2d import depthwise_conv2d_replicate
 from .selective_scan import selective_scan_fn
-from .state_fusion import FUSION_OFFSETS, fusion_taps, merge_state_fusion_kernels, state_fusion
+from .state_fusion import FUSION_OFFSETS, fused_observation, fusion_taps, merge_state_fusion_kernels, state_fusion
 
 __all__ = [
     "FUSION_OFFSETS",
     "backend",
     "depthwise_conv2d_replicate",
+    "fused_observation",
     "fusion_taps",
     "merge_state_fusion_kernels",
     "selective_scan_fn",

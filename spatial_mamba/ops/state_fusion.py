@@ -13,6 +13,10 @@ it, all exactly the same function, borders included (replicate padding; README b
   official evaluation path, ``classification/models/spatialmamba.py``).
 
 ``"auto"`` is the taps op.
+
+``fused_observation`` runs the fusion together with the observation step that follows it in the mixer (the paper's
+eq. for y_t with d_state N = 1): y = fusion(h)·C + D·u, so that a kernel backend reads h and u once and writes y,
+without writing the fused states and reading them back (``kernels/README.md`` counts the bytes).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ __all__ = [
     "DILATIONS",
     "FUSION_OFFSETS",
     "PATHS",
+    "fused_observation",
+    "fused_observation_ref",
     "fusion_taps",
     "merge_state_fusion_kernels",
     "state_fusion",
@@ -124,6 +130,64 @@ def _branches(h, kernels, alpha) -> torch.Tensor:
     return fused
 
 
+def fused_observation_ref(h, taps, C, u, D) -> torch.Tensor:
+    """Pure-PyTorch fused observation (backend implementation signature of the ``fused_observation`` op):
+    y[b, c] = fusion(h)[b, c]·C[b] + D[c]·u[b, c], computed in float32 (float64 for float64 h), returned in h's dtype.
+    """
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    with torch.autocast(h.device.type, enabled=False):
+        fused = depthwise_conv2d_replicate_ref(h.to(dtype), _dense_kernel(taps.to(dtype)), 1)
+        y = torch.addcmul(u.to(dtype) * D.to(dtype)[:, None, None], fused, C.to(dtype)[:, None])
+    return y.to(h.dtype)
+
+
+backend.register("fused_observation", "reference", fused_observation_ref)
+
+
+def _check_states(h: torch.Tensor, channels: int):
+    if h.dim() != 4 or h.shape[1] != channels:
+        raise ValueError(f"state fusion: h must be (batch, channels={channels}, height, width); got {tuple(h.shape)}")
+    if h.dtype not in _DTYPES:
+        raise TypeError(f"state fusion: h must be float32, float16, bfloat16 or float64; got {h.dtype}")
+    if min(h.shape[2:]) < 1:
+        raise ValueError(f"state fusion: h must have height and width >= 1; got {tuple(h.shape)}")
+
+
+def _fusion_taps_for(h, kernel_3, kernel_3_1, kernel_3_2, alpha) -> torch.Tensor:
+    """The (C, 25) taps in the dtype the backends take: float32, or float64 for float64 h."""
+    taps = fusion_taps(kernel_3, kernel_3_1, kernel_3_2, alpha)
+    return taps.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+
+
+def fused_observation(h, kernel_3, kernel_3_1, kernel_3_2, alpha, C, u, D) -> torch.Tensor:
+    """The state fusion followed by the observation step: y = fusion(h)·C + D·u, (B, C, H, W) in h's dtype.
+
+    Args:
+        h: (B, C, H, W) scan states (d_state N = 1), float32, float16, bfloat16 or float64.
+        kernel_3, kernel_3_1, kernel_3_2, alpha: as for ``state_fusion``.
+        C: (B, H, W), the observation of every pixel, shared by all channels; u: (B, C, H, W), the scan input, in
+            C's dtype; D: (C,), the skip weight.
+    The fusion is the taps op's (``path="taps"``); computed in float32 (float64 for float64 h).
+    """
+    channels = _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha)
+    _check_states(h, channels)
+    batch, _, height, width = h.shape
+    if C.shape != (batch, height, width):
+        raise ValueError(
+            f"fused observation: C must be (batch, height, width) = {(batch, height, width)}; got {tuple(C.shape)}"
+        )
+    if u.shape != h.shape:
+        raise ValueError(f"fused observation: u must have h's shape {tuple(h.shape)}; got {tuple(u.shape)}")
+    if u.dtype != C.dtype or u.dtype not in _DTYPES:
+        raise TypeError(f"fused observation: u and C must share one float dtype; got {u.dtype} and {C.dtype}")
+    if D.shape != (channels,):
+        raise ValueError(f"fused observation: D must be (channels={channels},); got {tuple(D.shape)}")
+    taps = _fusion_taps_for(h, kernel_3, kernel_3_1, kernel_3_2, alpha)
+    D = D.to(taps.dtype)
+    h, C, u = h.contiguous(), C.contiguous(), u.contiguous()
+    return backend.select("fused_observation", h, taps, C, u, D)(h, taps, C, u, D)
+
+
 def state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, path: str = "auto") -> torch.Tensor:
     """Fuses the scan states h (B, C, H, W) with their dilated neighbourhoods; returns (B, C, H, W).
 
@@ -140,15 +204,9 @@ def state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, path: str = "auto")
     if path not in PATHS:
         raise ValueError(f"state fusion: path must be one of {', '.join(PATHS)}; got {path!r}")
     channels = _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha)
-    if h.dim() != 4 or h.shape[1] != channels:
-        raise ValueError(f"state fusion: h must be (batch, channels={channels}, height, width); got {tuple(h.shape)}")
-    if h.dtype not in _DTYPES:
-        raise TypeError(f"state fusion: h must be float32, float16, bfloat16 or float64; got {h.dtype}")
-    if min(h.shape[2:]) < 1:
-        raise ValueError(f"state fusion: h must have height and width >= 1; got {tuple(h.shape)}")
+    _check_states(h, channels)
     if path in ("auto", "taps"):
-        taps = fusion_taps(kernel_3, kernel_3_1, kernel_3_2, alpha)
-        taps = taps.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+        taps = _fusion_taps_for(h, kernel_3, kernel_3_1, kernel_3_2, alpha)
         h = h.contiguous()
         return backend.select("state_fusion", h, taps)(h, taps)
     if path == "branches":

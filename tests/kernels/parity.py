@@ -249,3 +249,48 @@ def check_fusion(out, dh, dtaps, h, taps, dy):
     assert_close(out, out_ref, ROUNDING[h.dtype], ATOL_OF_MAX, "out")
     assert_close(dh, dh_ref, ROUNDING[h.dtype], ATOL_OF_MAX, "dh")
     assert_close(dtaps, dtaps_ref, 0.0, REDUCTION_ATOL_OF_MAX, "dtaps")
+
+
+# ----------------------------------------------------------------------------------------------- fused observation
+
+
+def observation_inputs(batch, channels, height, width, dtype, u_dtype=None, device="cpu", seed=0):
+    """(h, taps, C, u, D, dy) for the fused observation y = fusion(h)·C + D·u: h and dy in ``dtype``, C (B, H, W) and
+    u (B, C, H, W) in ``u_dtype`` (default ``dtype``), taps (C, 25) and D (C,) float32."""
+    h, taps, dy = fusion_inputs(batch, channels, height, width, dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    u_dtype = dtype if u_dtype is None else u_dtype
+    C = torch.randn(batch, height, width, generator=gen).to(u_dtype)
+    u = torch.randn(batch, channels, height, width, generator=gen).to(u_dtype)
+    D = torch.rand(channels, generator=gen) + 0.5
+    return h, taps, C.to(device), u.to(device), D.to(device), dy
+
+
+def gather_observation(h, taps, C, u, D):
+    """y = gather_fusion(h, taps)·C + D·u (any dtype)."""
+    return gather_fusion(h, taps) * C[:, None] + D[:, None, None] * u
+
+
+def run_observation(fn, h, taps, C, u, D, dy):
+    """y and the gradients of (y * dy).sum() w.r.t. (h, taps, C, u, D); fn(h, taps, C, u, D)."""
+    inputs = [t.detach().clone().requires_grad_() for t in (h, taps, C, u, D)]
+    y = fn(*inputs)
+    y.backward(dy.to(y.dtype).to(y.device))
+    return y.detach(), tuple(t.grad for t in inputs)
+
+
+def check_observation(y, grads, h, taps, C, u, D, dy):
+    """A backend's y and gradients against ``gather_observation`` in float64. y and dh carry h's dtype, dC and du u's,
+    dtaps and dD are float32; dC sums over channels, dtaps and dD over batch and plane."""
+    inputs = [t.double().cpu() for t in (h, taps, C, u, D)]
+    y_ref, grads_ref = run_observation(gather_observation, *inputs, dy.cpu())
+    dh, dtaps, dC, du, dD = grads
+    dh_ref, dtaps_ref, dC_ref, du_ref, dD_ref = grads_ref
+    assert (y.dtype, dh.dtype, dC.dtype, du.dtype) == (h.dtype, h.dtype, u.dtype, u.dtype)
+    assert dtaps.dtype == torch.float32 and dD.dtype == torch.float32
+    assert_close(y, y_ref, ROUNDING[h.dtype], ATOL_OF_MAX, "y")
+    assert_close(dh, dh_ref, ROUNDING[h.dtype], ATOL_OF_MAX, "dh")
+    assert_close(du, du_ref, ROUNDING[u.dtype], ATOL_OF_MAX, "du")
+    assert_close(dC, dC_ref, ROUNDING[u.dtype], REDUCTION_ATOL_OF_MAX, "dC")
+    assert_close(dtaps, dtaps_ref, 0.0, REDUCTION_ATOL_OF_MAX, "dtaps")
+    assert_close(dD, dD_ref, 0.0, REDUCTION_ATOL_OF_MAX, "dD")

@@ -199,6 +199,39 @@ def test_state_fusion_parity(name, shape, dtype):
     parity.check_fusion(out, dh, dtaps, h, taps, dy)
 
 
+# ----------------------------------------------------------------------------------------------- fused observation
+
+# (batch, C, H, W), dtype of h, dtype of u and C: the fusion's borders and tiles again, now with the observation's
+# per-pixel C (shared by the channels: its gradient sums over them) and per-channel D; u in a 16-bit dtype beside
+# float32 states, as under autocast (the scan's states are float32).
+OBSERVATION_CASES = [
+    ((1, 2, 7, 9), torch.float32, torch.float32),
+    ((1, 1, 1, 1), torch.float32, torch.float32),
+    ((2, 3, 6, 4), torch.float32, torch.float32),
+    ((1, 1, 13, 70), torch.float32, torch.float32),
+    ((1, 2, 7, 9), torch.float32, torch.bfloat16),
+    ((1, 1, 7, 9), torch.float16, torch.float16),
+]
+if GPU:
+    planes = [(2, 8, 56, 56), (2, 64, 7, 7), (3, 2, 5, 70), (1, 4, 200, 334)]
+    OBSERVATION_CASES += [(plane, torch.float32, u_dtype) for plane in planes for u_dtype in parity.DTYPES]
+    OBSERVATION_CASES += [((2, 8, 28, 28), dtype, dtype) for dtype in (torch.float16, torch.bfloat16)]
+
+
+def public_observation(h, taps, C, u, D):
+    return backend.select("fused_observation", h, taps, C, u, D)(h, taps, C, u, D)
+
+
+@pytest.mark.parametrize("name", BACKEND_PARAMS)
+@pytest.mark.parametrize("shape, dtype, u_dtype", OBSERVATION_CASES, ids=str)
+def test_fused_observation_parity(name, shape, dtype, u_dtype):
+    inputs = parity.observation_inputs(*shape, dtype, u_dtype, device=device_for(name))
+    require("fused_observation", name, *inputs[:5])
+    with backend.force(name, "fused_observation"):
+        y, grads = parity.run_observation(public_observation, *inputs)
+    parity.check_observation(y, grads, *inputs)
+
+
 @pytest.mark.skipif(GPU or not HAS_TRITON or INTERPRETED, reason="runs the triton tests of this file in a child")
 def test_interpreted_triton_backend_passes_in_a_child_process():
     assert_interpreted_tests_pass(THIS_FILE, keyword="triton and not child_process")
