@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import selective_scan_fn, state_fusion
+from ..ops import fused_observation, selective_scan_fn, state_fusion
 from ..ops.state_fusion import PATHS
 
 __all__ = ["StateFusion", "StructureAwareSSM", "dt_bias_init"]
@@ -78,6 +78,16 @@ class StateFusion(nn.Module):
         if repeats > 1:
             kernels = tuple(k.repeat_interleave(repeats, dim=0) for k in kernels)
         return state_fusion(h, *kernels, alpha, path=path)
+
+    def fuses_observation(self) -> bool:
+        """Whether the mixer may run this fusion together with its observation step (``observe``): on the taps path,
+        and only while no hook watches this module, since the fused op never calls it."""
+        return self.path in ("auto", "taps") and not (self._forward_hooks or self._forward_pre_hooks)
+
+    def observe(self, h: torch.Tensor, C: torch.Tensor, u: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        """y = fusion(h)·C + D·u for d_state N = 1 (the paper's eq. for y_t), in one op: h and u (B, D, H, W), C
+        (B, H, W), D (D,); returns h's dtype (``spatial_mamba.ops.fused_observation``)."""
+        return fused_observation(h, self.kernel_3, self.kernel_3_1, self.kernel_3_2, self.alpha, C, u, D)
 
 
 class StructureAwareSSM(nn.Module):
@@ -179,13 +189,19 @@ class StructureAwareSSM(nn.Module):
             delta_softplus=True,
         )  # (B, D, N, L) float32 hidden states x_t
 
-        hf = self.state_fusion(hs.view(batch, d_inner * d_state, height, width))
-        hf = hf.view(batch, d_inner, d_state, length)
         # Observation y_t = C_t h_t + D u_t, with D applied here and not in the scan (README bug table, #5).
-        if d_state == 1:
-            y = hf[:, :, 0] * Cs + u * self.Ds[:, None]
+        if d_state == 1 and self.state_fusion.fuses_observation():
+            # One op: a kernel backend reads the states and u once and never writes the fused states.
+            plane = (batch, d_inner, height, width)
+            y = self.state_fusion.observe(hs.view(plane), Cs.reshape(batch, height, width), u.view(plane), self.Ds)
+            y = y.view(batch, d_inner, length)
         else:
-            y = torch.einsum("bdnl,bnl->bdl", hf, Cs.to(hf.dtype)) + u * self.Ds[:, None]
+            hf = self.state_fusion(hs.view(batch, d_inner * d_state, height, width))
+            hf = hf.view(batch, d_inner, d_state, length)
+            if d_state == 1:
+                y = hf[:, :, 0] * Cs + u * self.Ds[:, None]
+            else:
+                y = torch.einsum("bdnl,bnl->bdl", hf, Cs.to(hf.dtype)) + u * self.Ds[:, None]
 
         y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, d_inner))
         return self.out_proj(y * F.silu(z))

@@ -1,4 +1,5 @@
-"""The state fusion path inside the whole model, the mixer's recomputation in training, and empty batches.
+"""The state fusion path inside the whole model (alone or fused with the observation step), the mixer's recomputation
+in training, and empty batches.
 
 Runs in float64, where the taps op and the three branches differ only by summation order: outputs and gradients are
 compared with rtol 1e-10 (the model's depth and the norms amplify the 1e-16 differences of the fusion).
@@ -66,6 +67,29 @@ def test_the_cpu_trains_and_evaluates_through_the_taps_op_only(monkeypatch):
     model.train()(x).sum().backward()
     with torch.no_grad():
         model.eval()(x)
+
+
+def test_the_mixer_fuses_the_observation_unless_a_hook_watches_the_fusion(monkeypatch):
+    # By default each mixer runs fusion and observation as one op; a hook on a StateFusion module (feature
+    # extraction, the stale-kernel evaluation of classification/stale_fusion.py) must still see the fused states.
+    calls = []
+    fused = ssm.fused_observation
+    monkeypatch.setattr(ssm, "fused_observation", lambda *args: calls.append(args[0].shape) or fused(*args))
+    model = small_model().train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out, grads = outputs_and_grads(model, x)
+    stages = [(2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2), (2, 256, 1, 1)]
+    assert calls == stages + stages[::-1]  # one per block, and again in the backward's recomputation
+    seen = []
+    for module in model.modules():
+        if isinstance(module, StateFusion):
+            module.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    calls.clear()
+    out_hooked, grads_hooked = outputs_and_grads(model, x)
+    assert not calls and seen == stages + stages[::-1]
+    torch.testing.assert_close(out, out_hooked, rtol=1e-10, atol=1e-10)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_hooked[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_recomputing_the_mixer_in_the_backward_changes_no_gradient(monkeypatch):
