@@ -8,7 +8,7 @@ One module per job, all timed by ``timing.time_ms`` through ``Run.time``:
 - ``backends``: which backend each op runs on, and one backend's implementation of an op;
 - ``timing``: the timer, and the forward or backward step that it times;
 - ``checks``: a backend's result against the reference or baseline, with its threshold;
-- ``scan``, ``fusion``, ``models``, ``profiling``: the sections;
+- ``scan``, ``fusion``, ``observation``, ``models``, ``profiling``: the sections;
 - ``targets``: the performance targets, judged with their thresholds;
 - ``table``: the table printed at the end.
 """

@@ -31,5 +31,5 @@ def judge_difference(diff: float | None, dtype: str) -> Dict[str, object]:
 
 def difference_error(entry: Dict[str, object]) -> ValueError:
     """The error recorded for a result entry whose check failed."""
-    diff = entry.get("max_rel_diff_vs_reference", entry.get("max_rel_diff_vs_baseline"))
+    diff = next((value for key, value in entry.items() if key.startswith("max_rel_diff_vs_")), None)
     return ValueError(f"result differs by {diff!r} of its maximum, above the threshold {entry['check_threshold']!r}")

@@ -1,6 +1,7 @@
-"""GPU benchmark of Spatial-Mamba: the scan and state-fusion kernels, and model throughput against Swin and ConvNeXt.
+"""GPU benchmark of Spatial-Mamba: the scan, state-fusion and fused-observation kernels, and model throughput against
+Swin and ConvNeXt.
 
-    python benchmarks/gpu.py [--out DIR] [--only scan,fusion,models] [--models a,b,...] [--batch-size 128]
+    python benchmarks/gpu.py [--out DIR] [--only scan,fusion,observation,models] [--models a,b,...] [--batch-size 128]
                              [--img-size 224] [--iters N] [--warmup N] [--profile] [--smoke] [--time-budget 540]
 
 Writes ``<out>/<gpu>.json`` (``h100.json``, ``h200.json``, ...; ``<gpu>-smoke.json`` with ``--smoke``) after every
@@ -19,12 +20,13 @@ import torch
 
 from .fusion import bench_fusion
 from .models import bench_models
+from .observation import bench_observation
 from .profiling import PROFILED_MODEL, profile_train_step
 from .report import ROOT, Run
 from .scan import bench_scan
 from .table import print_table
 
-SECTIONS = {"scan": bench_scan, "fusion": bench_fusion, "models": bench_models}
+SECTIONS = {"scan": bench_scan, "fusion": bench_fusion, "observation": bench_observation, "models": bench_models}
 
 
 def _sections(text: str) -> Tuple[str, ...]:

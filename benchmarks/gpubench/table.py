@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Dict
 
+from .observation import observation_rows
+
 
 def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
@@ -49,6 +51,18 @@ def print_table(results: Dict[str, object]):
                         continue
                     speedup = _fmt(entry["speedup_vs_baseline"], ".2f")
                     print(f"{path:<6} {direction:<9} {label:<10} {entry['ms']:9.3f} {baseline_ms:>9} {speedup:>7}x")
+    if "observation_forward" in results:
+        shape = results["observation_forward"]["shape"]
+        print(
+            f"\nfused observation, batch {shape['batch']}, D {shape['channels']}, {shape['height']}x{shape['width']}, "
+            "fp32"
+        )
+        print(f"{'backend':<10} {'direction':<9} {'unfused ms':>10} {'fused ms':>9} {'speedup':>8}")
+        for direction, name, unfused, fused, speedup in observation_rows(results):
+            print(
+                f"{name:<10} {direction:<9} {_fmt(unfused, '.3f'):>10} {_fmt(fused, '.3f'):>9} "
+                f"{_fmt(speedup, '.2f'):>7}x"
+            )
     if results.get("models"):
         settings = results["model_settings"]
         print(f"\nmodels, batch {settings['batch_size']}, {settings['img_size']}x{settings['img_size']}, AMP bf16")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
-from benchmarks.gpubench import checks, cli, device, fusion, models, profiling, scan, timing
+from benchmarks.gpubench import checks, cli, device, fusion, models, observation, profiling, scan, timing
 from benchmarks.gpubench.report import Run
 from benchmarks.gpubench.targets import THROUGHPUT_PAIRS, target
 from spatial_mamba.ops.state_fusion import fusion_taps
@@ -40,6 +40,8 @@ REQUIRED_KEYS = {
     "scan_backward",
     "fusion_forward",
     "fusion_backward",
+    "observation_forward",
+    "observation_backward",
     "model_settings",
     "models",
     "targets",
@@ -127,6 +129,26 @@ def test_fusion_speedup_is_the_ratio_of_the_two_times(smoke, direction, path):
     # The one-pass op has no CPU backend without the Triton interpreter: its rows say why.
     for name in ("cuda", "triton"):
         assert section["fused"][name]["available"] is False and section["fused"][name]["reason"]
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_observation_section_times_both_ways_and_checks_the_fused_one(smoke, direction):
+    report, _ = smoke
+    section = report[f"observation_{direction}"]
+    backward = direction == "backward"
+    pixels = 32 * 32
+    assert section["bytes_moved"] == {
+        way: observation.observation_bytes(2, 16, pixels, way == "fused", backward) for way in ("unfused", "fused")
+    }
+    # fp32, per element of (B, D, H, W): 20 -> 12 bytes forward, 44 -> 20 backward.
+    assert section["bytes_moved"]["fused"] == (20 if backward else 12) * 2 * 16 * pixels
+    assert section["bytes_moved"]["unfused"] == (44 if backward else 20) * 2 * 16 * pixels
+    entries = section["backends"]["reference"]
+    assert entries["speedup_fused_vs_unfused"] == pytest.approx(entries["unfused"]["ms"] / entries["fused"]["ms"])
+    assert entries["fused"]["max_rel_diff_vs_unfused"] <= 1e-5 and entries["fused"]["check_pass"] is True
+    for name in ("cuda", "triton"):
+        for way in ("unfused", "fused"):
+            assert section["backends"][name][way]["available"] is False and section["backends"][name][way]["reason"]
 
 
 def test_a_result_beyond_the_threshold_fails_the_check():
