@@ -21,13 +21,13 @@ N_TAPS = tl.constexpr(25)
 
 
 @triton.jit
-def _tap_dy(t: tl.constexpr):
+def _tap_dy(t):
     """Row shift of tap 1 + t (t = 0..23); see the module docstring."""
     return (1 + 2 * (t // 8)) * ((t % 8 + (t % 8) // 4) // 3 - 1)
 
 
 @triton.jit
-def _tap_dx(t: tl.constexpr):
+def _tap_dx(t):
     """Column shift of tap 1 + t (t = 0..23): d (j - 1)."""
     return (1 + 2 * (t // 8)) * ((t % 8 + (t % 8) // 4) % 3 - 1)
 
@@ -209,6 +209,7 @@ def fused_observation_bwd_kernel(
     height,
     width,
     group_size,
+    zero,
     NEED_DH: tl.constexpr,
     NEED_DTAPS: tl.constexpr,
     NEED_DC: tl.constexpr,
@@ -225,6 +226,10 @@ def fused_observation_bwd_kernel(
     - du = D[c] dy; dD[c] = sum_{y,x} dy u -> dd_partial[b, c, tile];
     and dC = sum_c dy fusion(h) over the group's channels -> dc_partial[b, group] (the fused tile comes from the
     same 25 reads of h as the tap gradients).
+
+    ``zero`` is 0. The channel loop adds channel · zero to the tile's rows: otherwise the compiler hoists the 25
+    shifted index tiles and the 24 shifted reads of C, which do not depend on the channel, out of the loop and keeps
+    them all in registers, which spills.
     """
     n_groups = tl.cdiv(n_channels, group_size)
     batch = (tl.program_id(0) // n_groups).to(tl.int64)
@@ -242,20 +247,21 @@ def fused_observation_bwd_kernel(
     first = group * group_size
     for channel in range(first, tl.minimum(first + group_size, n_channels)):
         plane = batch * n_channels + channel
+        rows_in_loop = rows + channel * zero
         base = plane * plane_size
         grad = tl.load(dy_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
         dfused = grad * c
         if NEED_DTAPS or NEED_DC:
             partial_ptr = dtaps_partial_ptr + (plane * n_tiles + tile) * N_TAPS
             fused = _tap_sums(
-                h_ptr + base, taps_ptr + channel * N_TAPS, dfused, partial_ptr, rows, cols, height, width,
+                h_ptr + base, taps_ptr + channel * N_TAPS, dfused, partial_ptr, rows_in_loop, cols, height, width,
                 NEED_DTAPS, NEED_DC,
             )  # fmt: skip
             if NEED_DC:
                 dc += grad * fused
         if NEED_DH:
             acc = _adjoint_tile(
-                taps_ptr + channel * N_TAPS, dy_ptr + base, c_ptr, dfused, rows, cols, height, width, True
+                taps_ptr + channel * N_TAPS, dy_ptr + base, c_ptr, dfused, rows_in_loop, cols, height, width, True
             )
             tl.store(dh_ptr + base + offsets, acc.to(dh_ptr.dtype.element_ty), mask=mask)
         if NEED_DU:
@@ -281,29 +287,27 @@ def _source_interval(index, shift, size):
 
 
 @triton.jit
-def _fold(
-    acc, tap, dy_ptr, scale_ptr, y, x, valid, height, width, T: tl.constexpr, CENTRE: tl.constexpr, SCALED: tl.constexpr
-):
-    """acc + tap * the sum of g over every output whose tap (the centre, or tap 1 + T) reads pixel (y, x), with
-    g = dy, or dy · scale when SCALED.
+def _fold(acc, tap, dy_ptr, scale_ptr, y, x, valid, height, width, shift_y, shift_x, SCALED: tl.constexpr):
+    """acc + tap * the sum of g over every output whose tap, at (shift_y, shift_x), reads pixel (y, x), with g = dy,
+    or dy · scale when SCALED.
 
-    Along each axis those outputs form an interval of at most |shift| + 1 (``_source_interval``), so the loops have
-    compile-time trip counts: |d (i - 1)| + 1 rows and |d (j - 1)| + 1 columns (one of each for the centre).
+    Along each axis those outputs form an interval of at most |shift| + 1 (``_source_interval``): the loops run
+    |shift_y| + 1 rows and |shift_x| + 1 columns.
     """
-    lo_y, hi_y = _source_interval(y, 0 if CENTRE else _tap_dy(T), height)
-    lo_x, hi_x = _source_interval(x, 0 if CENTRE else _tap_dx(T), width)
+    lo_y, hi_y = _source_interval(y, shift_y, height)
+    lo_x, hi_x = _source_interval(x, shift_x, width)
     total = tl.zeros_like(acc)
-    for ey in tl.static_range(1 + (1 - CENTRE) * (1 + 2 * (T // 8)) * ((T % 8 + (T % 8) // 4) // 3 - 1) ** 2):
+    for ey in range(0, tl.abs(shift_y) + 1):
         row = lo_y + ey
         row_ok = valid & (row <= hi_y)
-        dy_row = dy_ptr + row * width
-        scale_row = scale_ptr + row * width
-        for ex in tl.static_range(1 + (1 - CENTRE) * (1 + 2 * (T // 8)) * ((T % 8 + (T % 8) // 4) % 3 - 1) ** 2):
+        row_start = row * width
+        for ex in range(0, tl.abs(shift_x) + 1):
             col = lo_x + ex
             m = row_ok & (col <= hi_x)
-            value = tl.load(dy_row + col, mask=m, other=0.0).to(tl.float32)
+            offsets = row_start + col
+            value = tl.load(dy_ptr + offsets, mask=m, other=0.0).to(tl.float32)
             if SCALED:
-                value *= tl.load(scale_row + col, mask=m, other=0.0).to(tl.float32)
+                value *= tl.load(scale_ptr + offsets, mask=m, other=0.0).to(tl.float32)
             total += value
     return acc + tap * total
 
@@ -344,7 +348,13 @@ def state_fusion_dgrad_border_kernel(
     scale_ptr += (plane // n_channels) * height * width
     taps_ptr += (plane % n_channels) * N_TAPS
     acc = tl.zeros((BLOCK,), tl.float32)
-    acc = _fold(acc, tl.load(taps_ptr), dy_ptr, scale_ptr, y, x, valid, height, width, 0, True, SCALED)
-    for t in tl.static_range(24):
-        acc = _fold(acc, tl.load(taps_ptr + 1 + t), dy_ptr, scale_ptr, y, x, valid, height, width, t, False, SCALED)
+    acc = _fold(acc, tl.load(taps_ptr), dy_ptr, scale_ptr, y, x, valid, height, width, 0, 0, SCALED)
+    # A loop over the taps (not unrolled): unrolled, the index and mask tiles that taps with the same shift share stay
+    # live across all of them, which spills.
+    for t in range(0, 24):
+        shift_y = _tap_dy(t)
+        shift_x = _tap_dx(t)
+        acc = _fold(
+            acc, tl.load(taps_ptr + 1 + t), dy_ptr, scale_ptr, y, x, valid, height, width, shift_y, shift_x, SCALED
+        )
     tl.store(dh_ptr + y * width + x, acc.to(dh_ptr.dtype.element_ty), mask=valid)

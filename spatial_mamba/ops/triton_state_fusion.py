@@ -187,6 +187,7 @@ class _FusedObservationTriton(torch.autograd.Function):
                     height,
                     width,
                     group,
+                    0,  # zero: see the kernel
                     NEED_DH=need_dh,
                     NEED_DTAPS=need_dtaps,
                     NEED_DC=need_dc,
