@@ -37,8 +37,9 @@ MAX_BLOCK_W = 64
 TILE_ELEMENTS = 512
 BORDER_BLOCK = 128
 NUM_WARPS = 4
-# Channels one program of the fused observation's backward pass loops over, summing dC over them: the programs of one
-# batch element and tile write one dC partial per group, which the backward sums (float32, n_channels / 16 planes).
+# Channels one program of the fused observation's backward pass loops over, summing dC over them: each writes a float32
+# dC partial for its batch element, group and tile, ceil(channels / CHANNEL_GROUP) planes per batch element, which the
+# backward sums. Without dC, one channel per program.
 CHANNEL_GROUP = 16
 
 
@@ -154,7 +155,7 @@ class _FusedObservationTriton(torch.autograd.Function):
         batch, channels, height, width = h.shape
         dy = dy.to(h.dtype).contiguous()
         # dC sums over the channels: a program loops over a group of them. Without dC, one channel per program.
-        group = min(CHANNEL_GROUP, channels) if need_dc else 1
+        group = max(1, min(CHANNEL_GROUP, channels)) if need_dc else 1
         n_groups = -(-channels // group)
         grid, block_h, block_w = _tiling(batch * n_groups, height, width)
         n_tiles = grid[1] * grid[2]

@@ -179,6 +179,21 @@ def test_observation_backward_computes_only_the_gradients_asked_for(monkeypatch,
         assert recorder.launches[2][2] == {"SCALED": True}
 
 
+@pytest.mark.parametrize("batch, channels", [(0, 3), (2, 0)])
+def test_observation_of_empty_inputs_launches_nothing(monkeypatch, batch, channels):
+    # No kernel runs; the gradients are empty or zero (dC sums over no channels, dtaps and dD over no pixels).
+    recorder = _Recorder()
+    monkeypatch.setattr(triton_state_fusion, "_kernels", lambda: recorder)
+    inputs = _observation_inputs(h=torch.zeros(batch, channels, 4, 5), u=torch.zeros(batch, channels, 4, 5))
+    inputs.update(C=torch.ones(batch, 4, 5), taps=torch.ones(channels, 25), D=torch.ones(channels))
+    leaves = [t.requires_grad_() for t in inputs.values()]
+    y = triton_state_fusion.fused_observation_triton(*leaves)
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    assert recorder.launches == []
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    assert all(not g.abs().sum() for g in grads)
+
+
 # ------------------------------------------------------------- channel groups and tiles, in the interpreter
 
 
