@@ -1,9 +1,10 @@
 """Build plan of the optional CUDA extensions, used by ``setup.py`` when ``SPATIAL_MAMBA_BUILD_CUDA=1``.
 
-Two extensions are built (sources in this directory, see ``README.md``):
+Three extensions are built (sources in this directory, see ``README.md``):
 
 - ``spatial_mamba._selective_scan_cuda``: the hidden-state selective scan for d_state N = 1;
-- ``spatial_mamba._dwconv2d_cuda``: the replicate-padded depthwise convolution.
+- ``spatial_mamba._dwconv2d_cuda``: the replicate-padded depthwise convolution;
+- ``spatial_mamba._state_fusion_cuda``: the one-pass state fusion, alone and fused with the observation step.
 
 The CUDA toolkit is ``$CUDA_HOME`` when set; otherwise it is found from ``nvcc`` on ``PATH``, following symlinks
 and wrapper scripts (``torch.utils.cpp_extension`` would take the directory above a wrapper for the toolkit, and
@@ -44,6 +45,7 @@ EXTENSIONS: Dict[str, List[str]] = {
     "spatial_mamba._state_fusion_cuda": [
         "kernels/state_fusion/state_fusion.cpp",
         "kernels/state_fusion/state_fusion_kernels.cu",
+        "kernels/state_fusion/observation_kernels.cu",
     ],
 }
 

@@ -141,4 +141,49 @@ int emu_state_fusion_bwd(int kind, const void* h, const float* taps, const void*
   p.dtaps_partial = dtaps_partial;
   return launch_state_fusion_bwd(p, nullptr);
 }
+
+int64_t emu_observation_channel_groups(int64_t batch, int64_t channels, int64_t height, int64_t width) {
+  return observation_channel_groups(fusion_shape(batch, channels, height, width));
+}
+
+// kind: h and y; u_kind: C and u.
+int emu_fused_observation_fwd(int kind, int u_kind, const void* h, const float* taps, const void* C, const void* u,
+                              const float* D, void* y, int64_t batch, int64_t channels, int64_t height,
+                              int64_t width) {
+  ObservationFwdParams p;
+  p.shape = fusion_shape(batch, channels, height, width);
+  p.kind = static_cast<ScalarKind>(kind);
+  p.u_kind = static_cast<ScalarKind>(u_kind);
+  p.h = h;
+  p.taps = taps;
+  p.C = C;
+  p.u = u;
+  p.D = D;
+  p.y = y;
+  return launch_fused_observation_fwd(p, nullptr);
+}
+
+// Any of dh, dtaps_partial, dC_partial, du and dD_partial may be null: that gradient is not computed.
+int emu_fused_observation_bwd(int kind, int u_kind, const void* h, const float* taps, const void* C, const void* u,
+                              const float* D, const void* dy, void* dh, float* dtaps_partial, float* dC_partial,
+                              void* du, float* dD_partial, int64_t channel_groups, int64_t batch, int64_t channels,
+                              int64_t height, int64_t width) {
+  ObservationBwdParams p;
+  p.shape = fusion_shape(batch, channels, height, width);
+  p.kind = static_cast<ScalarKind>(kind);
+  p.u_kind = static_cast<ScalarKind>(u_kind);
+  p.channel_groups = channel_groups;
+  p.h = h;
+  p.taps = taps;
+  p.C = C;
+  p.u = u;
+  p.D = D;
+  p.dy = dy;
+  p.dh = dh;
+  p.dtaps_partial = dtaps_partial;
+  p.dC_partial = dC_partial;
+  p.du = du;
+  p.dD_partial = dD_partial;
+  return launch_fused_observation_bwd(p, nullptr);
+}
 }

@@ -14,38 +14,13 @@
 // Backward, border kernel: one thread per border pixel gathers, for each tap, dy over the interval of outputs whose
 // clamped read lands on it (at most |shift| + 1 along each axis) and overwrites dh there. It runs after the tile
 // kernel on the same stream.
-#include "common/float_io.cuh"
+#include "fusion_tile.cuh"
 #include "state_fusion.h"
 
 namespace spatial_mamba {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kTile = 32;                        // output tile: kTile x kTile
-constexpr int kRows = kTile * 32 / kThreads;     // outputs per thread, one column
-constexpr int kStage = kTile + 2 * kFusionHalo;  // staged tile side
-constexpr int kBorderThreads = 128;
-
-__device__ __forceinline__ int clamp_index(int i, int n) { return i < 0 ? 0 : (i >= n ? n - 1 : i); }
-
-// Stages the kStage x kStage window at (oy0 - 5, ox0 - 5) of one plane as fp32: clamped, or zero outside the plane.
-template <typename T, bool kClamp>
-__device__ __forceinline__ void stage(float* tile, const T* plane, int H, int W, int oy0, int ox0) {
-  const int lane = threadIdx.x % 32;
-  for (int r = threadIdx.x / 32; r < kStage; r += kThreads / 32) {
-    const int gy = oy0 - kFusionHalo + r;
-    for (int c = lane; c < kStage; c += 32) {
-      const int gx = ox0 - kFusionHalo + c;
-      float v;
-      if (kClamp) {
-        v = to_float(plane[clamp_index(gy, H) * W + clamp_index(gx, W)]);
-      } else {
-        v = gy >= 0 && gy < H && gx >= 0 && gx < W ? to_float(plane[gy * W + gx]) : 0.f;
-      }
-      tile[r * kStage + c] = v;
-    }
-  }
-}
+using namespace fusion_tile;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -60,9 +35,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t offset = plane * H * W;
   stage<T, true>(tile, h + offset, H, W, oy0, ox0);
   float w[kFusionTaps];
-  const float* plane_taps = p.taps + (plane % p.shape.channels) * kFusionTaps;
-#pragma unroll
-  for (int k = 0; k < kFusionTaps; ++k) w[k] = plane_taps[k];
+  load_taps(w, p.taps, plane % p.shape.channels);
   __syncthreads();
   const int lx = threadIdx.x % 32;
   const int ly0 = threadIdx.x / 32 * kRows;
@@ -98,9 +71,7 @@ __global__ void __launch_bounds__(kThreads)
   if (dtaps_partial != nullptr) stage<T, true>(h_tile, h + offset, H, W, oy0, ox0);
   stage<T, false>(dy_tile, dy + offset, H, W, oy0, ox0);
   float w[kFusionTaps];
-  const float* plane_taps = p.taps + (plane % p.shape.channels) * kFusionTaps;
-#pragma unroll
-  for (int k = 0; k < kFusionTaps; ++k) w[k] = plane_taps[k];
+  load_taps(w, p.taps, plane % p.shape.channels);
   __syncthreads();
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -132,28 +103,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < kFusionTaps; ++k) acc[k] += g * h_tile[row + fusion_tap_dy(k) * kStage + fusion_tap_dx(k)];
   }
-#pragma unroll
-  for (int k = 0; k < kFusionTaps; ++k) {
-    float v = acc[k];
-#pragma unroll
-    for (int s = 16; s > 0; s /= 2) v += __shfl_xor_sync(0xffffffffu, v, s);
-    if (lane == 0) reduced[warp][k] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < kFusionTaps) {
-    float total = 0.f;
-#pragma unroll
-    for (int i = 0; i < kThreads / 32; ++i) total += reduced[i][threadIdx.x];
-    dtaps_partial[(plane * gridDim.y + blockIdx.y) * kFusionTaps + threadIdx.x] = total;
-  }
-}
-
-// The outputs o with clamp(o + shift, 0, n - 1) == i: the interval [lo, hi] (empty when lo > hi).
-__device__ __forceinline__ void source_interval(int i, int shift, int n, int& lo, int& hi) {
-  lo = i == 0 ? 0 : i - shift;
-  hi = i == n - 1 ? n - 1 : i - shift;
-  lo = lo < 0 ? 0 : lo;
-  hi = hi > n - 1 ? n - 1 : hi;
+  float* partial = dtaps_partial + (plane * gridDim.y + blockIdx.y) * kFusionTaps;
+  block_sum_store(acc, reduced, [partial](int k, float total) { partial[k] = total; });
 }
 
 template <typename T>
@@ -165,33 +116,12 @@ __global__ void __launch_bounds__(kBorderThreads)
   const int i = blockIdx.y * kBorderThreads + threadIdx.x;
   if (i >= n_border) return;
   const int64_t plane = blockIdx.x;
-  // Border pixel i: the first row (i < W), the last row (next W, when H > 1), then the first and last columns of
-  // the rows in between.
-  const int full_rows = H < 2 ? H : 2;
-  const int side_cols = W < 2 ? W : 2;
-  int y, x;
-  if (i < full_rows * W) {
-    y = (i / W) * (H - 1);
-    x = i % W;
-  } else {
-    const int j = i - full_rows * W;
-    y = 1 + j / side_cols;
-    x = (j % side_cols) * (W - 1);
-  }
   const int64_t offset = plane * H * W;
   const float* plane_taps = p.taps + (plane % p.shape.channels) * kFusionTaps;
-  float acc = 0.f;
-#pragma unroll
-  for (int k = 0; k < kFusionTaps; ++k) {
-    int lo_y, hi_y, lo_x, hi_x;
-    source_interval(y, fusion_tap_dy(k), H, lo_y, hi_y);
-    source_interval(x, fusion_tap_dx(k), W, lo_x, hi_x);
-    float sum = 0.f;
-    for (int sy = lo_y; sy <= hi_y; ++sy) {
-      for (int sx = lo_x; sx <= hi_x; ++sx) sum += to_float(dy[offset + sy * W + sx]);
-    }
-    acc += plane_taps[k] * sum;
-  }
+  const T* __restrict__ dy_plane = dy + offset;
+  int y, x;
+  border_pixel(i, H, W, y, x);
+  const float acc = fold_border(y, x, H, W, plane_taps, [dy_plane](int pixel) { return to_float(dy_plane[pixel]); });
   dh[offset + y * W + x] = from_float<T>(acc);
 }
 
@@ -201,10 +131,6 @@ cudaError_t launch_fwd(const FusionFwdParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.shape.batch * p.shape.channels), static_cast<unsigned>(fusion_tiles(p.shape)));
   state_fusion_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(p, tiles_x);
   return cudaGetLastError();
-}
-
-int border_pixels(int64_t H, int64_t W) {
-  return static_cast<int>(W * (H < 2 ? H : 2) + (H > 2 ? H - 2 : 0) * (W < 2 ? W : 2));
 }
 
 template <typename T>

@@ -6,11 +6,13 @@ The extensions ``spatial_mamba._selective_scan_cuda``, ``._dwconv2d_cuda`` and `
 
 Custom ops (namespace ``spatial_mamba``, so that torch.compile and torch.export see them whole):
 ``selective_scan_cuda_fwd``/``_bwd``, ``dwconv2d_cuda_fwd``, ``dwconv2d_cuda_dgrad``, ``dwconv2d_cuda_wgrad`` and
-``state_fusion_cuda_fwd``/``_bwd``, with fake (meta) implementations and autograd formulas.
+``state_fusion_cuda_fwd``/``_bwd`` and ``fused_observation_cuda_fwd``/``_bwd``, with fake (meta) implementations and
+autograd formulas.
 
 Coverage: the selective scan kernels handle d_state N = 1 (all Spatial-Mamba models); the depthwise convolution
-handles odd kernel sizes 3 to 11 with any dilation; the state fusion takes (C, 25) float32 taps; all take float32,
-float16 and bfloat16 inputs. ``available()`` reports whether the extension was built; ``supports_*`` tell the
+handles odd kernel sizes 3 to 11 with any dilation; the state fusion and the fused observation take (C, 25) float32
+taps (and float32 D); all take float32, float16 and bfloat16 inputs (the fused observation's u and C may have another
+of the three dtypes than h). ``available()`` reports whether the extension was built; ``supports_*`` tell the
 dispatcher which inputs the kernels cannot take, so that it hands those to the next backend. Called directly, the
 implementations raise a ValueError for such inputs.
 """
@@ -29,9 +31,11 @@ __all__ = [
     "DWCONV_KERNEL_SIZES",
     "KERNEL_DTYPES",
     "dwconv2d_cuda",
+    "fused_observation_cuda",
     "selective_scan_cuda",
     "state_fusion_cuda",
     "supports_dwconv2d",
+    "supports_fused_observation",
     "supports_selective_scan",
     "supports_state_fusion",
 ]
@@ -39,6 +43,8 @@ __all__ = [
 BUILD_COMMAND = "SPATIAL_MAMBA_BUILD_CUDA=1 python setup.py build_ext --inplace"
 DWCONV_KERNEL_SIZES = (3, 5, 7, 9, 11)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FUSION_TILE = 32  # the fusion kernels' output tile side (kernels/state_fusion/fusion_tile.cuh)
+_MAX_GRID_Y = 65535
 
 
 def _dtype_reasons(*tensors) -> List[str]:
@@ -64,6 +70,22 @@ def supports_state_fusion(h=None, taps=None, *rest) -> List[str]:
         reasons.append(f"a {h.shape[-2]}x{h.shape[-1]} plane (the kernels index planes below 2**31 pixels)")
     if isinstance(taps, torch.Tensor) and taps.dtype != torch.float32:
         reasons.append(f"{str(taps.dtype).replace('torch.', '')} taps (the kernels take float32 taps)")
+    return reasons
+
+
+def supports_fused_observation(h=None, taps=None, C=None, u=None, D=None, *rest) -> List[str]:
+    """Why the fused observation kernels cannot take these inputs: the fusion's reasons, a dtype of u and C they lack,
+    float64 D, or a plane with more 32 x 32 tiles than the kernels' grid holds."""
+    reasons = supports_state_fusion(h, taps)
+    reasons += [reason.replace("inputs", "u and C") for reason in _dtype_reasons(u)]
+    if isinstance(D, torch.Tensor) and D.dtype != torch.float32:
+        reasons.append(f"{str(D.dtype).replace('torch.', '')} D (the kernels take float32 D)")
+    if isinstance(h, torch.Tensor) and h.dim() == 4:
+        tiles = -(-h.shape[-2] // _FUSION_TILE) * -(-h.shape[-1] // _FUSION_TILE)
+        if tiles > _MAX_GRID_Y:
+            reasons.append(f"a {h.shape[-2]}x{h.shape[-1]} plane ({tiles} tiles of 32 x 32; the kernels take 65535)")
+        elif h.shape[0] * tiles >= 2**31:
+            reasons.append(f"batch {h.shape[0]} of {tiles} tiles each (the kernels take fewer than 2**31 tiles)")
     return reasons
 
 
@@ -230,6 +252,51 @@ def _register_state_fusion_ops(ext: ModuleType):
     state_fusion_cuda_fwd.register_autograd(backward, setup_context=setup_context)
 
 
+def _register_fused_observation_ops(ext: ModuleType):
+    @torch.library.custom_op("spatial_mamba::fused_observation_cuda_fwd", mutates_args=())
+    def fused_observation_cuda_fwd(
+        h: torch.Tensor, taps: torch.Tensor, C: torch.Tensor, u: torch.Tensor, D: torch.Tensor
+    ) -> torch.Tensor:
+        return ext.observe_fwd(h, taps, C, u, D)
+
+    @fused_observation_cuda_fwd.register_fake
+    def _(h, taps, C, u, D):
+        return torch.empty_like(h)
+
+    @torch.library.custom_op("spatial_mamba::fused_observation_cuda_bwd", mutates_args=())
+    def fused_observation_cuda_bwd(
+        h: torch.Tensor,
+        taps: torch.Tensor,
+        C: torch.Tensor,
+        u: torch.Tensor,
+        D: torch.Tensor,
+        dy: torch.Tensor,
+        need_dh: bool,
+        need_dtaps: bool,
+        need_dC: bool,
+        need_du: bool,
+        need_dD: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dh, dtaps, dC, du, dD = ext.observe_bwd(h, taps, C, u, D, dy, need_dh, need_dtaps, need_dC, need_du, need_dD)
+        return dh, dtaps, dC, du, dD
+
+    @fused_observation_cuda_bwd.register_fake
+    def _(h, taps, C, u, D, dy, need_dh, need_dtaps, need_dC, need_du, need_dD):
+        needs = (need_dh, need_dtaps, need_dC, need_du, need_dD)
+        return tuple(torch.empty_like(t) if need else t.new_empty((0,)) for t, need in zip((h, taps, C, u, D), needs))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, dy):
+        h, taps, C, u, D = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:5])
+        grads = fused_observation_cuda_bwd(h, taps, C, u, D, dy.to(h.dtype).contiguous(), *needs)
+        return tuple(grad if need else None for grad, need in zip(grads, needs))
+
+    fused_observation_cuda_fwd.register_autograd(backward, setup_context=setup_context)
+
+
 def state_fusion_cuda(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """The 25-tap state fusion on the CUDA kernels (backend implementation signature of the ``state_fusion`` op)."""
     if h.dim() != 4 or taps.shape != (h.shape[1], 25):
@@ -241,6 +308,28 @@ def state_fusion_cuda(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     if reasons:
         raise ValueError(f"state_fusion: the cuda kernels cannot take {'; '.join(reasons)}")
     return torch.ops.spatial_mamba.state_fusion_cuda_fwd(h.contiguous(), taps.contiguous())
+
+
+def fused_observation_cuda(
+    h: torch.Tensor, taps: torch.Tensor, C: torch.Tensor, u: torch.Tensor, D: torch.Tensor
+) -> torch.Tensor:
+    """y = fusion(h)·C + D·u on the CUDA kernels (backend implementation signature of the ``fused_observation`` op)."""
+    if h.dim() != 4 or taps.shape != (h.shape[1], 25) or D.shape != (h.shape[1],):
+        raise ValueError(
+            f"fused_observation: h must be (batch, channels, height, width), taps (channels, 25) and D (channels,); "
+            f"got {tuple(h.shape)}, {tuple(taps.shape)} and {tuple(D.shape)}"
+        )
+    if C.shape != (h.shape[0], *h.shape[2:]) or u.shape != h.shape or u.dtype != C.dtype:
+        raise ValueError(
+            f"fused_observation: C must be (batch, height, width) and u h's shape, both in one dtype; got C "
+            f"{tuple(C.shape)} {C.dtype}, u {tuple(u.shape)} {u.dtype} for h {tuple(h.shape)}"
+        )
+    reasons = supports_fused_observation(h, taps, C, u, D)
+    if reasons:
+        raise ValueError(f"fused_observation: the cuda kernels cannot take {'; '.join(reasons)}")
+    return torch.ops.spatial_mamba.fused_observation_cuda_fwd(
+        h.contiguous(), taps.contiguous(), C.contiguous(), u.contiguous(), D.contiguous()
+    )
 
 
 def selective_scan_cuda(
@@ -280,6 +369,7 @@ if _dwconv_ext is not None:
     _register_dwconv2d_ops(_dwconv_ext)
 if _fusion_ext is not None:
     _register_state_fusion_ops(_fusion_ext)
+    _register_fused_observation_ops(_fusion_ext)
 backend.register(
     "selective_scan",
     "cuda",
@@ -294,4 +384,11 @@ backend.register(
     state_fusion_cuda,
     _availability(_fusion_ext, _fusion_why),
     supports=supports_state_fusion,
+)
+backend.register(
+    "fused_observation",
+    "cuda",
+    fused_observation_cuda,
+    _availability(_fusion_ext, _fusion_why),
+    supports=supports_fused_observation,
 )

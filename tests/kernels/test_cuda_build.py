@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FUNCTIONS = {
     "_selective_scan_cuda": ("fwd", "bwd", "split_segments"),
     "_dwconv2d_cuda": ("fwd", "dgrad", "wgrad"),
-    "_state_fusion_cuda": ("fwd", "bwd"),
+    "_state_fusion_cuda": ("fwd", "bwd", "observe_fwd", "observe_bwd"),
 }
 
 
@@ -185,6 +185,8 @@ def test_extensions_reject_cpu_tensors_with_a_clear_error(built_extensions):
     fusion = load("_state_fusion_cuda", paths["_state_fusion_cuda"])
     with pytest.raises(RuntimeError, match="state_fusion \\(cuda\\): h must be a CUDA tensor"):
         fusion.fwd(x, torch.zeros(2, 25))
+    with pytest.raises(RuntimeError, match="fused_observation \\(cuda\\): h must be a CUDA tensor"):
+        fusion.observe_fwd(x, torch.zeros(2, 25), torch.zeros(1, 4, 4), x, torch.zeros(2))
 
 
 @pytest.mark.slow
@@ -201,7 +203,10 @@ import torch
 from spatial_mamba.ops import backend
 
 for op, extension in (
-    ("selective_scan", "_selective_scan_cuda"), ("dwconv2d", "_dwconv2d_cuda"), ("state_fusion", "_state_fusion_cuda")
+    ("selective_scan", "_selective_scan_cuda"),
+    ("dwconv2d", "_dwconv2d_cuda"),
+    ("state_fusion", "_state_fusion_cuda"),
+    ("fused_observation", "_state_fusion_cuda"),
 ):
     impl = backend._REGISTRY[op]["cuda"]
     assert impl.available() == (True, f"compiled extension spatial_mamba.{extension}"), impl.available()
@@ -227,6 +232,20 @@ out = backend._REGISTRY["state_fusion"]["cuda"].fn(h, taps)
 assert (out.shape, out.dtype) == (h.shape, h.dtype)
 out.sum().backward()
 assert (h.grad.shape, h.grad.dtype, taps.grad.shape, taps.grad.dtype) == (h.shape, h.dtype, taps.shape, taps.dtype)
+
+# The fused observation: float32 states beside bfloat16 u and C (autocast); every gradient, then only dC.
+h, taps, D = torch.empty(2, 3, 7, 9, **meta), torch.empty(3, 25, **meta), torch.empty(3, **meta)
+C, u = torch.empty(2, 7, 9, dtype=torch.bfloat16, **meta), torch.empty(2, 3, 7, 9, dtype=torch.bfloat16, **meta)
+y = backend._REGISTRY["fused_observation"]["cuda"].fn(h, taps, C, u, D)
+assert (y.shape, y.dtype) == (h.shape, h.dtype)
+y.sum().backward()
+for t in (h, taps, C, u, D):
+    assert (t.grad.shape, t.grad.dtype) == (t.shape, t.dtype)
+C_only = torch.empty(2, 7, 9, dtype=torch.float16, **meta)
+u_fixed = torch.empty(2, 3, 7, 9, dtype=torch.float16, device="meta")
+fused = backend._REGISTRY["fused_observation"]["cuda"].fn
+fused(h.detach(), taps.detach(), C_only, u_fixed, D.detach()).sum().backward()
+assert (C_only.grad.shape, C_only.grad.dtype) == (C_only.shape, C_only.dtype)
 print("registered")
 """
 

@@ -24,10 +24,12 @@ from .parity import (
     assert_close,
     check_conv,
     check_fusion,
+    check_observation,
     check_scan,
     conv_inputs,
     fusion_inputs,
     gather_fusion,
+    observation_inputs,
     run_fusion,
     scan_inputs,
 )
@@ -40,6 +42,7 @@ SOURCES = [
     "dwconv2d/dwconv2d_fwd.cu",
     "dwconv2d/dwconv2d_wgrad.cu",
     "state_fusion/state_fusion_kernels.cu",
+    "state_fusion/observation_kernels.cu",
 ]
 KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LAUNCH = re.compile(r"([\w:]+(?:<[^;<>]*>)?)<<<(.*?)>>>\((.*?)\);")
@@ -85,6 +88,7 @@ def emulated(tmp_path_factory) -> ctypes.CDLL:
     lib.emu_scan_segment_length.restype = ctypes.c_int64
     lib.emu_dwconv2d_wgrad_partials.restype = ctypes.c_int64
     lib.emu_fusion_tiles.restype = ctypes.c_int64
+    lib.emu_observation_channel_groups.restype = ctypes.c_int64
     return lib
 
 
@@ -304,6 +308,111 @@ def test_emulated_state_fusion_computes_only_the_gradients_asked_for(emulated):
     assert torch.isnan(dtaps).all()
     _, dh_ref, _ = run_fusion(gather_fusion, h.double(), taps.double(), dy)
     assert_close(dh_only, dh_ref, ROUNDING[torch.float32], ATOL_OF_MAX, "dh")
+
+
+GRADIENTS = ("dh", "dtaps", "dC", "du", "dD")
+
+
+def emulated_observation(lib, h, taps, C, u, D, dy, groups=None, need=GRADIENTS):
+    """y and (dh, dtaps, dC, du, dD) as spatial_mamba._state_fusion_cuda's observe_fwd/observe_bwd return them, from
+    the emulated kernels, with the backward's channels in ``groups`` groups (default: the binding's rule). Gradients
+    not in ``need`` are not asked for: their buffers come back as allocated (NaN) and unsummed."""
+    batch, channels, height, width = h.shape
+    sizes = _sizes(batch, channels, height, width)
+    kinds = [KIND[h.dtype], KIND[u.dtype]]
+    inputs = [_ptr(t) for t in (h, taps, C, u, D)]
+    y = torch.full_like(h, float("nan"))
+    assert lib.emu_fused_observation_fwd(*kinds, *inputs, _ptr(y), *sizes) == 0
+    groups = lib.emu_observation_channel_groups(*sizes) if groups is None else groups
+    tiles = lib.emu_fusion_tiles(*sizes)
+    buffers = {
+        "dh": torch.full_like(h, float("nan")),
+        "dtaps": torch.full((batch, channels, tiles, 25), float("nan")),
+        "dC": torch.full((groups, batch, height, width), float("nan")),
+        "du": torch.full_like(u, float("nan")),
+        "dD": torch.full((batch, channels, tiles), float("nan")),
+    }
+    pointers = [_ptr(buffers[name]) if name in need else None for name in GRADIENTS]
+    status = lib.emu_fused_observation_bwd(*kinds, *inputs, _ptr(dy), *pointers, ctypes.c_int64(groups), *sizes)
+    assert status == 0
+    sums = {
+        "dh": buffers["dh"],
+        "dtaps": buffers["dtaps"].sum((0, 2)),
+        "dC": buffers["dC"].sum(0).to(u.dtype),
+        "du": buffers["du"],
+        "dD": buffers["dD"].sum((0, 2)),
+    }
+    return y, tuple(sums[name] if name in need else buffers[name] for name in GRADIENTS)
+
+
+# (batch, C, H, W, dtype of h, dtype of u and C, channel groups or None for the rule): the fusion's border cases (one
+# pixel, one row, one column, planes within the halo, several tiles across and down, non-square), batch 2, several
+# channels in one group, groups that do not divide the channels (17 = 9 + 8 by the rule; 7 = 3 + 3 + 1), one channel
+# per group, and the dtype pairs of training: float32 states beside 16-bit u and C (autocast), and one dtype for all.
+OBSERVATION_CASES = [
+    (1, 2, 1, 1, torch.float32, torch.float32, None),
+    (2, 1, 1, 6, torch.float32, torch.bfloat16, None),
+    (1, 2, 12, 1, torch.float16, torch.float16, None),
+    (1, 3, 6, 4, torch.bfloat16, torch.bfloat16, None),
+    (1, 2, 40, 70, torch.float32, torch.float32, None),
+    (2, 3, 7, 7, torch.float32, torch.bfloat16, None),
+    (1, 2, 33, 9, torch.bfloat16, torch.bfloat16, None),
+    (1, 17, 9, 11, torch.float32, torch.float16, None),
+    (2, 7, 10, 12, torch.float32, torch.float32, 3),
+    (1, 3, 5, 9, torch.float16, torch.float32, 3),
+]
+
+
+@pytest.mark.parametrize("case", OBSERVATION_CASES, ids=str)
+def test_emulated_fused_observation_matches_reference(emulated, case):
+    *shape, dtype, u_dtype, groups = case
+    if groups is None:
+        groups = emulated.emu_observation_channel_groups(*_sizes(*shape))
+        assert shape[1] < 16 or groups > 1  # the rule splits these channels
+    inputs = observation_inputs(*shape, dtype, u_dtype)
+    y, grads = emulated_observation(emulated, *inputs, groups=groups)
+    check_observation(y, grads, *inputs)
+
+
+def test_emulated_fused_observation_computes_only_the_gradients_asked_for(emulated):
+    inputs = observation_inputs(2, 5, 9, 13, torch.float32, torch.bfloat16)
+    y, everything = emulated_observation(emulated, *inputs, groups=2)
+    check_observation(y, everything, *inputs)
+    for name in GRADIENTS:
+        _, grads = emulated_observation(emulated, *inputs, groups=2, need=(name,))
+        for other, grad, full in zip(GRADIENTS, grads, everything):
+            if other == name:
+                assert torch.equal(grad, full), name  # the same arithmetic as with every gradient asked for
+            else:
+                assert torch.isnan(grad.float()).all(), f"{other} written when only {name} was asked for"
+
+
+def test_observation_channel_groups_fill_the_gpu_at_model_sizes(emulated):
+    def groups(*shape):
+        return emulated.emu_observation_channel_groups(*_sizes(*shape))
+
+    def tiles(*shape):
+        return emulated.emu_fusion_tiles(*_sizes(*shape))
+
+    # Detection (batch 2, 200 x 334: 7 x 11 tiles, 192 channels): 14 groups of 14 channels, 2,156 blocks, about five
+    # waves of a 132-SM GPU at 3 blocks per SM. Classification at batch 128, 56 x 56 (2 x 2 tiles): 4 groups.
+    assert groups(2, 192, 200, 334) == 14 and 2 * tiles(2, 192, 200, 334) * 14 == 2156
+    assert groups(128, 96, 56, 56) == 4
+    # Grids that fill the GPU without groups, and channels too few for two groups of 8, take one group.
+    assert groups(128, 384, 224, 224) == 1
+    assert groups(1, 15, 7, 7) == 1
+    for shape in [(2, 192, 200, 334), (128, 96, 56, 56), (1, 17, 9, 11), (2, 1000, 7, 7), (4, 64, 14, 14)]:
+        count, channels = groups(*shape), shape[1]
+        per_group = -(-channels // count)
+        assert 1 <= count <= channels and (count - 1) * per_group < channels  # no empty group
+        assert count == 1 or per_group >= 8
+
+
+def test_emulated_observation_backward_refuses_invalid_channel_groups(emulated):
+    inputs = observation_inputs(1, 3, 4, 4, torch.float32)
+    for groups in (0, 4):
+        with pytest.raises(AssertionError):
+            emulated_observation(emulated, *inputs, groups=groups)
 
 
 def test_emulated_softplus_keeps_float32_accuracy(emulated):

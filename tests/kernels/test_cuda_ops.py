@@ -157,3 +157,47 @@ def test_dwconv2d_custom_ops_pass_opcheck(kernel_size, dilation, dtype):
     torch.library.opcheck(ops.dwconv2d_cuda_fwd.default, (x.requires_grad_(), weight.requires_grad_(), dilation))
     torch.library.opcheck(ops.dwconv2d_cuda_dgrad.default, (dy, weight.detach(), dilation))
     torch.library.opcheck(ops.dwconv2d_cuda_wgrad.default, (dy, x.detach(), kernel_size, dilation))
+
+
+# -------------------------------------------------------------------------------------------- fused observation
+
+needs_observation = pytest.mark.skipif(
+    not torch.cuda.is_available() or not backend.is_available("fused_observation", "cuda")[0],
+    reason="needs the built state fusion extension",
+)
+
+
+@needs_observation
+def test_fused_observation_gradients_are_deterministic():
+    # The detection shape: 14 channel groups whose dC partials, and per-tile dtaps and dD partials, the binding sums.
+    inputs = parity.observation_inputs(2, 192, 200, 334, torch.float32, torch.bfloat16, device="cuda")
+    first = parity.run_observation(impl("fused_observation"), *inputs)
+    second = parity.run_observation(impl("fused_observation"), *inputs)
+    assert torch.equal(first[0], second[0])
+    for name, a, b in zip(("dh", "dtaps", "dC", "du", "dD"), first[1], second[1]):
+        assert torch.equal(a, b), name
+
+
+@needs_observation
+def test_fused_observation_compiles_without_graph_breaks():
+    h, taps, C, u, D, _ = parity.observation_inputs(2, 4, 14, 14, torch.float32, device="cuda")
+    fused = impl("fused_observation")
+    compiled = torch.compile(lambda *args: F.gelu(fused(*args)), fullgraph=True)
+    expected = F.gelu(parity.gather_observation(*(t.double().cpu() for t in (h, taps, C, u, D))))
+    actual = compiled(h, taps, C, u, D)
+    parity.assert_close(actual, expected, parity.ROUNDING[torch.float32], parity.ATOL_OF_MAX, "compiled")
+
+
+@needs_observation
+@pytest.mark.parametrize(
+    "dtype, u_dtype",
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float16)],
+    ids=str,
+)
+def test_fused_observation_custom_ops_pass_opcheck(dtype, u_dtype):
+    h, taps, C, u, D, dy = parity.observation_inputs(2, 3, 9, 40, dtype, u_dtype, device="cuda")
+    ops = torch.ops.spatial_mamba
+    leaves = tuple(t.detach().clone().requires_grad_() for t in (h, taps, C, u, D))
+    torch.library.opcheck(ops.fused_observation_cuda_fwd.default, leaves)
+    needs = (True, False, True, False, True)  # dh, dC and dD only
+    torch.library.opcheck(ops.fused_observation_cuda_bwd.default, (h, taps, C, u, D, dy, *needs))
