@@ -6,7 +6,7 @@ references). Backends:
 - ``reference``: always, on CPU tensors (on the GPU when there is one);
 - ``triton``: on the GPU when there is one, else on CPU tensors in Triton's interpreter. Triton reads TRITON_INTERPRET
   only when it is imported, so without a GPU those tests run in a child pytest started with TRITON_INTERPRET=1
-  (``test_interpreted_triton_backend_passes_in_a_child_process``), about 2.5 min on 2 cores;
+  (``test_interpreted_triton_backend_passes_in_a_child_process``), about a minute on 2 cores;
 - ``cuda``: on a GPU with the extension built, else skipped (the CUDA source is checked on the CPU by
   test_cuda_emulated.py).
 The interpreter is slow (tens of microseconds per element and tap), so CPU shapes stay small; they still cover one
