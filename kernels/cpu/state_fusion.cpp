@@ -16,7 +16,8 @@
 //
 // The adjoint: the forward is a correlation of the replicate-padded plane, so dh is the correlation of zero-padded
 // dF with the flipped taps over the plane and its 5-pixel halo, with each halo pixel's result then added onto the
-// border pixel the padding copied there (`adjoint`): exact, and vectorised like the forward.
+// border pixel the padding copied there (`adjoint`; the halo rows are summed before the taps are applied): exact,
+// and vectorised like the forward.
 //
 // Reductions (dtaps, dD over batch and plane; dC over channels) are deterministic: each task writes its own partial
 // sums, added afterwards in a fixed order that depends on the shapes only, not on the number of threads.
@@ -110,7 +111,8 @@ void pad_zero(const float* dy, const float* obs, const Geometry& g, int64_t r0, 
     const int64_t y = r0 - 2 * kHalo + i;
     float* dst = buffer + i * g.stride + 2 * kHalo;
     if (y < 0 || y >= g.height) {
-      std::memset(dst, 0, w * sizeof(float));
+      // With one block a plane, these rows hold no plane row in any task: zero since the buffer's allocation.
+      if (g.blocks > 1) std::memset(dst, 0, w * sizeof(float));
     } else if (obs == nullptr) {
       std::memcpy(dst, dy + y * w, w * sizeof(float));
     } else {
@@ -224,29 +226,45 @@ void forward(const Inputs& in, float* out, int threads) {
   }
 }
 
+// The dP of the halo rows above (below) the plane, summed over those rows, added onto `dst`, the dP row of the first
+// (last) plane row: only the taps with dy_k < 0 (> 0) reach there, each with dF summed over the rows whose reads the
+// clamp moved there, rows 0 .. -1 - dy_k (H - dy_k .. H - 1), at px - dx_k. `sums` is a scratch row.
+void fold_halo_rows(const float* dfb, const Geometry& g, int64_t r0, const float* taps, bool above, float* sums,
+                    float* dst) {
+  const int64_t wp = g.width + 2 * kHalo;
+  std::memset(sums, 0, g.stride * sizeof(float));
+  for (int rows = 1; rows <= kHalo; ++rows) {
+    const int64_t r = above ? rows - 1 : g.height - rows;  // rows outside the plane are zero in dfb
+    const float* src = dfb + (r - r0 + 2 * kHalo) * g.stride;
+    for (int64_t x = 0; x < g.stride; ++x) sums[x] += src[x];
+    for (int k = 0; k < kTaps; ++k) {
+      if ((above ? -kDy[k] : kDy[k]) != rows) continue;
+      const float t = taps[k];
+      const float* shifted = sums + kHalo - kDx[k];
+      for (int64_t x = 0; x < wp; ++x) dst[x] += t * shifted[x];
+    }
+  }
+}
+
 // dh of one task's rows r0 .. r1 - 1, from zero-padded dF (`dfb`, see pad_zero), through `dp`, a buffer of
-// (block_rows + 10) x stride floats.
+// block_rows x stride floats, and `sums`, one row.
 //
 // The forward reads the replicate-padded plane P (the plane and its 5-pixel halo): F = corr(P, taps). Its adjoint is
 // dP = the correlation of zero-padded dF with the flipped taps, on the plane and its halo, followed by the adjoint
-// of the padding: each halo pixel's dP is added onto the border pixel it copies (rows, then columns; a corner
-// gathers its 5 x 5 block). Rows of the halo belong to the tasks that hold the first or the last row.
+// of the padding: each halo pixel's dP is added onto the border pixel it copies. The halo rows' dP is only ever
+// summed, so it is computed summed (`fold_halo_rows`); the halo columns' dP is computed with the plane's rows and
+// added onto the first and last columns (a corner gathers its 6 x 6 block).
 template <int VW>
-void adjoint(const float* dfb, const Geometry& g, int64_t r0, int64_t r1, const float* taps, float* dp, float* dh) {
+void adjoint(const float* dfb, const Geometry& g, int64_t r0, int64_t r1, const float* taps, float* dp, float* sums,
+             float* dh) {
   const int64_t w = g.width, wp = w + 2 * kHalo;
-  const int64_t p0 = r0 == 0 ? -kHalo : r0, p1 = r1 == g.height ? r1 + kHalo : r1;  // rows of dP computed
-  // dP at (py, px), px = -5 .. w + 4, lands at dp[(py - p0) * stride + px + 5]; it is centred on dF at
-  // dfb[(py - r0 + 10) * stride + px + 10].
-  sum_taps<VW, -1>(dfb + (p0 - r0 + 2 * kHalo) * g.stride + kHalo, g.stride, wp, p0, p1, taps,
-                   Store<VW>{dp, p0, g.stride});
-  auto row = [&](int64_t py) { return dp + (py - p0) * g.stride; };
-  // Halo rows onto the first and last rows (both onto row 0 when the plane has one row).
-  if (r0 == 0)
-    for (int64_t py = -kHalo; py < 0; ++py)
-      for (int64_t x = 0; x < wp; ++x) row(0)[x] += row(py)[x];
-  if (r1 == g.height)
-    for (int64_t py = g.height; py < g.height + kHalo; ++py)
-      for (int64_t x = 0; x < wp; ++x) row(g.height - 1)[x] += row(py)[x];
+  // dP at (y, px), px = -5 .. w + 4, lands at dp[(y - r0) * stride + px + 5]; it is centred on dF at
+  // dfb[(y - r0 + 10) * stride + px + 10].
+  sum_taps<VW, -1>(dfb + 2 * kHalo * g.stride + kHalo, g.stride, wp, r0, r1, taps, Store<VW>{dp, r0, g.stride});
+  auto row = [&](int64_t y) { return dp + (y - r0) * g.stride; };
+  // Both onto row 0 when the plane has one row.
+  if (r0 == 0) fold_halo_rows(dfb, g, r0, taps, true, sums, row(0));
+  if (r1 == g.height) fold_halo_rows(dfb, g, r0, taps, false, sums, row(g.height - 1));
   // Halo columns onto the first and last columns, then the plane's pixels into dh.
   for (int64_t y = r0; y < r1; ++y) {
     float* src = row(y);
@@ -286,7 +304,7 @@ void backward(const Inputs& in, const Grads& out, int threads) {
   {
     std::vector<float> hb(need_h ? (g.block_rows + 2 * kHalo) * g.stride : 0, 0.0f);
     std::vector<float> dfb(need_df ? (g.block_rows + 4 * kHalo) * g.stride : 0, 0.0f);
-    std::vector<float> dp(out.dh ? (g.block_rows + 2 * kHalo) * g.stride : 0, 0.0f);
+    std::vector<float> dp(out.dh ? (g.block_rows + 1) * g.stride : 0, 0.0f);  // + 1: `sums`
     const float* h_origin = hb.data() + kHalo * g.stride + kHalo;         // h at plane pixel (r0, 0)
     const float* df_origin = dfb.data() + 2 * kHalo * (g.stride + 1);     // dF at plane pixel (r0, 0)
 #pragma omp for schedule(dynamic, chunk)
@@ -301,7 +319,10 @@ void backward(const Inputs& in, const Grads& out, int threads) {
         const float* dy = out.dy + plane * plane_size;
         if (need_h) pad_replicate(in.h + plane * plane_size, g, r0, r1, hb.data());
         if (need_df) pad_zero(dy, obs, g, r0, r1, dfb.data());
-        if (out.dh) adjoint<VW>(dfb.data(), g, r0, r1, taps, dp.data(), out.dh + plane * plane_size);
+        if (out.dh) {
+          float* sums = dp.data() + g.block_rows * g.stride;
+          adjoint<VW>(dfb.data(), g, r0, r1, taps, dp.data(), sums, out.dh + plane * plane_size);
+        }
         if (need_partials) {
           double* partial = partials.data() + ((b * g.blocks + block) * channels + c) * kPartials;
           if (out.dtaps) {
