@@ -1,4 +1,6 @@
-"""The ``cpu`` backend: compiled CPU kernels of ``state_fusion`` and ``fused_observation`` (``kernels/cpu/``).
+"""The ``cpu`` backend: compiled CPU kernels of ``state_fusion`` and ``fused_observation`` (forward and backward) and
+of the ``selective_scan`` forward with d_state N = 1 (its backward is the reference's, from the saved states and Δ),
+all in ``kernels/cpu/``.
 
 The kernels are plain C++ over raw float pointers (no torch headers), compiled with g++ on first use
 (``-O3 -march=native -fopenmp``) into a cache directory, ``$SPATIAL_MAMBA_CACHE`` or
@@ -29,11 +31,23 @@ from typing import Dict, List, Tuple
 import torch
 
 from . import backend
+from . import selective_scan as _scan
 from .state_fusion import FUSION_OFFSETS
 
-__all__ = ["CXX_FLAGS", "SOURCE", "available", "cache_dir", "fused_observation_cpu", "state_fusion_cpu", "supports"]
+__all__ = [
+    "CXX_FLAGS",
+    "SOURCES",
+    "available",
+    "cache_dir",
+    "fused_observation_cpu",
+    "selective_scan_cpu",
+    "state_fusion_cpu",
+    "supports",
+    "supports_selective_scan",
+]
 
-SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "cpu" / "state_fusion.cpp"
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels" / "cpu"
+SOURCES = (SOURCE_DIR / "state_fusion.cpp", SOURCE_DIR / "selective_scan.cpp")
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 CACHE_ENV = "SPATIAL_MAMBA_CACHE"
 CXX_ENV = "SPATIAL_MAMBA_CXX"
@@ -76,16 +90,17 @@ def _summary(text: str, limit: int = 300) -> str:
 
 def _build(cxx: str, directory: Path) -> Tuple[Path | None, str]:
     """(path of the compiled library, why); the path is None when it cannot be built."""
-    if not SOURCE.is_file():
-        return None, f"the kernel source {SOURCE} is missing (it ships with the source tree only)"
+    missing = [str(path) for path in SOURCES if not path.is_file()]
+    if missing:
+        return None, f"the kernel sources {', '.join(missing)} are missing (they ship with the source tree only)"
     if shutil.which(cxx) is None:
         return None, f"the C++ compiler {cxx!r} was not found (set {CXX_ENV} or install g++)"
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"{cxx} --version failed: {error}"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(CXX_FLAGS).encode(), version.encode(), _cpu_flags().encode()]))
+    parts = [path.read_bytes() for path in SOURCES] + [" ".join(CXX_FLAGS).encode(), version.encode()]
+    key = hashlib.sha256(b"\0".join([*parts, _cpu_flags().encode()]))
     target = directory / f"state_fusion_{key.hexdigest()[:20]}.so"
     if target.is_file():
         return target, f"compiled CPU kernels {target}"
@@ -96,12 +111,14 @@ def _build(cxx: str, directory: Path) -> Tuple[Path | None, str]:
     except OSError as error:
         return None, f"the cache directory {directory} is not writable ({error})"
     try:
-        result = subprocess.run([cxx, *CXX_FLAGS, "-o", temp, str(SOURCE)], capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [cxx, *CXX_FLAGS, "-o", temp, *map(str, SOURCES)], capture_output=True, text=True, timeout=600
+        )
         if result.returncode != 0:
-            return None, f"{cxx} failed to compile {SOURCE.name}: {_summary(result.stderr + result.stdout)}"
+            return None, f"{cxx} failed to compile {SOURCE_DIR}: {_summary(result.stderr + result.stdout)}"
         os.replace(temp, target)
     except (OSError, subprocess.SubprocessError) as error:
-        return None, f"{cxx} failed to compile {SOURCE.name}: {error}"
+        return None, f"{cxx} failed to compile {SOURCE_DIR}: {error}"
     finally:
         if os.path.exists(temp):
             os.remove(temp)
@@ -116,6 +133,8 @@ def _bind(library: ctypes.CDLL) -> str:
     library.sm_fusion_forward.restype = None
     library.sm_fusion_backward.argtypes = [_P] * 11 + [_I64] * 4 + [ctypes.c_int]
     library.sm_fusion_backward.restype = None
+    library.sm_scan_forward.argtypes = [_P] * 5 + [ctypes.c_int] + [_P] * 2 + [_I64] * 3 + [ctypes.c_int]
+    library.sm_scan_forward.restype = None
     dy, dx = (ctypes.c_int * N_TAPS)(), (ctypes.c_int * N_TAPS)()
     count = library.sm_fusion_offsets(dy, dx)
     if count != N_TAPS or tuple(zip(dy, dx)) != FUSION_OFFSETS:
@@ -275,5 +294,52 @@ def fused_observation_cpu(h, taps, C, u, D) -> torch.Tensor:
     return _FusedObservationCPU.apply(h.contiguous(), taps.contiguous(), C.contiguous(), u.contiguous(), D.contiguous())
 
 
+class _SelectiveScanCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, delta_bias, delta_softplus):
+        library, why = _library()
+        if library is None:
+            raise RuntimeError(f"the cpu backend is unavailable: {why}")
+        batch, channels, length = u.shape
+        hs = u.new_empty((batch, channels, 1, length))
+        dt = torch.empty_like(u)
+        library.sm_scan_forward(
+            _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(delta_bias), int(bool(delta_softplus)), _ptr(hs), _ptr(dt),
+            batch, channels, length, torch.get_num_threads(),
+        )  # fmt: skip
+        ctx.delta_softplus = delta_softplus
+        ctx.save_for_backward(u, delta, A, B, delta_bias, hs, dt)
+        return hs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dhs):
+        # The reference's backward, from the states and Δ this forward saved: the same formulas as the reference.
+        u, delta, A, B, delta_bias, hs, dt = ctx.saved_tensors
+        with torch.autocast("cpu", enabled=False):
+            grads = _scan._backward(dhs, u, delta, A, B, delta_bias, ctx.delta_softplus, hs, dt)
+        return (*grads, None)
+
+
+def supports_selective_scan(u=None, delta=None, A=None, B=None, delta_bias=None, *rest) -> List[str]:
+    """Why the CPU scan cannot take these inputs: those of ``supports``, or d_state N > 1."""
+    reasons = supports(u, delta, A, B, delta_bias)
+    if isinstance(A, torch.Tensor) and (A.dim() != 2 or A.shape[1] != 1):
+        reasons.append(f"d_state N = {A.shape[-1]} (the cpu kernels handle N = 1 only)")
+    return reasons
+
+
+def selective_scan_cpu(u, delta, A, B, delta_bias, delta_softplus) -> torch.Tensor:
+    """The selective scan's forward on the compiled CPU kernels (backend implementation signature of
+    ``selective_scan``): hs (Bt, Dn, 1, L) float32; d_state N = 1, float32 inputs."""
+    reasons = supports_selective_scan(u, delta, A, B, delta_bias)
+    if reasons:
+        raise ValueError(f"selective_scan: the cpu kernels cannot take {'; '.join(reasons)}")
+    B = B.squeeze(1) if B.dim() == 4 else B
+    args = [t if t is None else t.contiguous() for t in (u, delta, A, B, delta_bias)]
+    return _SelectiveScanCPU.apply(*args, delta_softplus)
+
+
 backend.register("state_fusion", "cpu", state_fusion_cpu, available, supports=supports)
+backend.register("selective_scan", "cpu", selective_scan_cpu, available, supports=supports_selective_scan)
 backend.register("fused_observation", "cpu", fused_observation_cpu, available, supports=supports)

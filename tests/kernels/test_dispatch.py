@@ -170,8 +170,12 @@ def test_the_reference_can_be_forced_over_the_cpu_backend(toy_cpu, monkeypatch):
 
 
 def test_cpu_tensors_run_on_the_reference_unless_forced():
-    choice = backend.explain("selective_scan", torch.zeros(1, 2, 3))
+    # dwconv2d has no cpu backend; float64 inputs are the reference's whatever the op.
+    choice = backend.explain("dwconv2d", torch.zeros(1, 2, 3, 3), torch.zeros(2, 1, 3, 3))
+    assert (choice.backend, choice.why, choice.passed_over) == ("reference", "CPU tensors", {})
+    choice = backend.explain("selective_scan", torch.zeros(1, 2, 3, dtype=torch.float64))
     assert (choice.backend, choice.why) == ("reference", "CPU tensors")
+    assert "float64 inputs" in choice.passed_over["cpu"][0]
 
 
 @pytest.mark.parametrize("name", ["cuda", "triton"])

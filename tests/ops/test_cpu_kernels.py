@@ -206,3 +206,35 @@ def test_unavailable_kernels_warn_once_and_the_reference_runs(monkeypatch, tmp_p
     with pytest.raises(RuntimeError, match=r"backend.force\('cpu'\) .* this compiler is broken"):
         with backend.force("cpu"):
             backend.choose("state_fusion", h, taps)
+
+
+# (batch, D, L): 15 rows, one group of 8 rows run side by side and a ragged group of 7; one position; rows of 8k
+# rows only; lengths around the vector width of 16 and long rows.
+CPU_SCAN_CASES = [(3, 5, 33), (1, 16, 1), (2, 8, 515), (1, 9, 16), (1, 3, 17), (2, 4, 3000)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("softplus", [True, False], ids=["softplus", "no_softplus"])
+@pytest.mark.parametrize("shape", CPU_SCAN_CASES, ids=str)
+def test_cpu_scan_matches_the_sequential_loop(shape, softplus):
+    from spatial_mamba.ops import selective_scan_fn
+
+    inputs, dhs = parity.scan_inputs(*shape, torch.float32, softplus, with_bias=softplus, seed=shape[-1])
+
+    def scan(u, delta, A, B, delta_bias, delta_softplus):
+        return selective_scan_fn(u, delta, A, B, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+    with backend.force("cpu"):
+        assert backend.explain("selective_scan", *inputs.values()).backend == "cpu"
+        hs, grads = parity.run_scan(scan, inputs, softplus, dhs)
+    parity.check_scan(hs, grads, inputs, softplus, dhs)
+
+
+def test_cpu_scan_declines_d_state_above_one_and_other_dtypes():
+    u = torch.zeros(1, 3, 5)
+    assert cpu_kernels.supports_selective_scan(u, u, torch.zeros(3, 1), torch.zeros(1, 1, 5), None) == []
+    assert cpu_kernels.supports_selective_scan(u, u, torch.zeros(3, 2), torch.zeros(1, 2, 5), None) == [
+        "d_state N = 2 (the cpu kernels handle N = 1 only)"
+    ]
+    half = u.bfloat16()
+    assert "bfloat16 inputs" in cpu_kernels.supports_selective_scan(half, half, torch.zeros(3, 1), None, None)[0]
