@@ -1,10 +1,10 @@
-// CPU forward of the hidden-state selective scan with d_state N = 1 (the paper's eq. for x_t; the official
-// kernels/selective_scan), float32:
+// CPU forward and backward of the hidden-state selective scan with d_state N = 1 (the paper's eq. for x_t; the
+// official kernels/selective_scan), float32:
 //
 //   dt_t = softplus(delta_t + bias_d)  (delta_t + bias_d without softplus)
 //   x_t  = exp(dt_t A_d) x_{t-1} + dt_t B_{b,t} u_t,  x_{-1} = 0
 //
-// for every row (b, d) of u, delta (Bt, Dn, L); returns every x_t (hs) and dt, which the backward reuses. The
+// for every row (b, d) of u, delta (Bt, Dn, L); the forward returns every x_t (hs) and dt, which the backward reuses. The
 // softplus is the official one: log1p(exp(v)) for v <= 20, v above, computed as max(v, 0) + log1p(exp(-|v|)).
 //
 // Plain C++ over raw pointers (no torch headers), compiled with g++ -O3 -march=native -fopenmp with
@@ -15,6 +15,7 @@
 // along t, as x_t = x_{t-1} + ((a_t - 1) x_{t-1} + b_t) (see vexp_core), runs over the kRows rows at once, so that
 // their multiply-adds overlap.
 // exp and log1p are evaluated with polynomials in vector registers (libm's scalar calls would dominate the time).
+// The backward (sm_scan_backward) runs the adjoint recurrence backwards along the rows the same way.
 
 #include <omp.h>
 
@@ -159,6 +160,135 @@ void sm_scan_forward(const float* u, const float* delta, const float* A, const f
           const float* a = decay.data() + i * length;
           float state = 0.0f;
           for (int64_t t = 0; t < length; ++t) h[t] = state = state + (a[t] * state + h[t]);
+        }
+      }
+    }
+  }
+}
+
+// Gradients of sm_scan_forward's hs for the upstream gradient dhs (batch, channels, length), from the forward's hs
+// and dt. With a_t = exp(dt_t A) and g_t = dL/dx_t = dhs_t + a_{t+1} g_{t+1} (run as g_{t+1} + ((a_{t+1} - 1)
+// g_{t+1} + dhs_t)), and q_t = a_t g_t x_{t-1} (x_{-1} = 0):
+//   d dt_t = g_t B_t u_t + q_t A,  du_t = g_t dt_t B_t,  dA = sum q_t dt_t,  dB_{b,t} = sum over d of g_t dt_t u_t,
+//   d delta_t = d dt_t sigmoid(v_t) with v_t = delta_t + bias (d dt_t for v_t > 20, or without softplus),
+//   d bias = sum of d delta_t.
+// Each output pointer may be null (not asked for). A task is kRows channels of one batch element; the sums over
+// batch (dA, d bias) and over channels (dB) are added from per-task partials in a fixed order.
+void sm_scan_backward(const float* u, const float* delta, const float* A, const float* B, const float* bias,
+                      int softplus, const float* hs, const float* dt, const float* dhs, float* du, float* ddelta,
+                      float* dA, float* dB, float* dbias, int64_t batch, int64_t channels, int64_t length,
+                      int threads) {
+  const int64_t groups = (channels + kRows - 1) / kRows, tasks = batch * groups;
+  if (batch * channels == 0 || length == 0) {
+    if (dA) std::memset(dA, 0, channels * sizeof(float));
+    if (dbias) std::memset(dbias, 0, channels * sizeof(float));
+    if (dB) std::memset(dB, 0, batch * length * sizeof(float));
+    return;
+  }
+  std::vector<double> row_sums(batch * channels * 2, 0.0);  // per row: dA, d bias
+  std::vector<float> dB_partial(dB ? tasks * length : 0, 0.0f);
+#pragma omp parallel num_threads(threads) if (tasks > 1)
+  {
+    std::vector<float> em1(kRows * length), g(kRows * length);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / groups, d0 = task % groups * kRows;
+      const int64_t count = std::min<int64_t>(kRows, channels - d0);
+      const float* Bt = B + b * length;
+      // a_t - 1 per row.
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t offset = (b * channels + d0 + i) * length;
+        for (int64_t t = 0; t < length; t += VW) {
+          const int64_t n = std::min<int64_t>(VW, length - t);
+          V x = V{};
+          if (n == VW) {
+            x = load(dt + offset + t);
+          } else {
+            for (int64_t j = 0; j < n; ++j) x[j] = dt[offset + t + j];
+          }
+          const V e = vexpm1(x * A[d0 + i]);
+          if (n == VW) {
+            store(em1.data() + i * length + t, e);
+          } else {
+            for (int64_t j = 0; j < n; ++j) em1[i * length + t + j] = e[j];
+          }
+        }
+      }
+      // g_t backwards along the row, the rows side by side.
+      for (int64_t i = 0; i < count; ++i) {
+        const float* up = dhs + (b * channels + d0 + i) * length;
+        const float* e = em1.data() + i * length;
+        float* gi = g.data() + i * length;
+        float next = 0.0f;
+        gi[length - 1] = next = up[length - 1];
+        for (int64_t t = length - 2; t >= 0; --t) gi[t] = next = next + (e[t + 1] * next + up[t]);
+      }
+      // The gradients, along each row in vectors.
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t d = d0 + i, row = b * channels + d, offset = row * length;
+        const float a_param = A[d], bias_d = bias ? bias[d] : 0.0f;
+        V sum_dA = V{}, sum_dbias = V{};
+        for (int64_t t = 0; t < length; t += VW) {
+          const int64_t n = std::min<int64_t>(VW, length - t);
+          V vg = V{}, vdt = V{}, vu = V{}, vB = V{}, vprev = V{}, vdelta = V{};
+          const int64_t p0 = offset + t;
+          if (n == VW && t > 0) {
+            vg = load(g.data() + i * length + t), vdt = load(dt + p0);
+            vu = load(u + p0), vB = load(Bt + t), vdelta = load(delta + p0), vprev = load(hs + p0 - 1);
+          } else {
+            for (int64_t j = 0; j < n; ++j) {
+              const int64_t p = p0 + j;
+              vg[j] = g[i * length + t + j], vdt[j] = dt[p], vu[j] = u[p];
+              vB[j] = Bt[t + j], vdelta[j] = delta[p], vprev[j] = t + j > 0 ? hs[p - 1] : 0.0f;
+            }
+          }
+          // a_t itself, not 1 + (a_t - 1), which loses a_t's digits where it is far below 1.
+          const V q = vexp(vdt * a_param) * vg * vprev;
+          V ddt = vg * vB * vu + q * a_param;
+          sum_dA += q * vdt;
+          if (softplus) {
+            const V v = vdelta + bias_d;
+            const V sig = 1.0f / (vexp(-v) + 1.0f);
+            ddt = v > 20.0f ? ddt : ddt * sig;
+          }
+          sum_dbias += ddt;  // lanes past the row's end hold zeros
+          const V vdu = vg * vdt * vB, vdB = vg * vdt * vu;
+          float* dB_row = dB ? dB_partial.data() + task * length + t : nullptr;
+          if (n == VW) {
+            if (du) store(du + p0, vdu);
+            if (ddelta) store(ddelta + p0, ddt);
+            if (dB_row) store(dB_row, i == 0 ? vdB : load(dB_row) + vdB);
+          } else {
+            for (int64_t j = 0; j < n; ++j) {
+              if (du) du[p0 + j] = vdu[j];
+              if (ddelta) ddelta[p0 + j] = ddt[j];
+              if (dB_row) dB_row[j] = (i == 0 ? 0.0f : dB_row[j]) + vdB[j];
+            }
+          }
+        }
+        double total_dA = 0.0, total_dbias = 0.0;
+        for (int j = 0; j < VW; ++j) total_dA += sum_dA[j], total_dbias += sum_dbias[j];
+        row_sums[row * 2] = total_dA, row_sums[row * 2 + 1] = total_dbias;
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t d = 0; d < channels; ++d) {
+      double total_dA = 0.0, total_dbias = 0.0;
+      for (int64_t b = 0; b < batch; ++b) {
+        total_dA += row_sums[(b * channels + d) * 2];
+        total_dbias += row_sums[(b * channels + d) * 2 + 1];
+      }
+      if (dA) dA[d] = static_cast<float>(total_dA);
+      if (dbias) dbias[d] = static_cast<float>(total_dbias);
+    }
+    if (dB) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch; ++b) {
+        float* dst = dB + b * length;
+        std::memcpy(dst, dB_partial.data() + b * groups * length, length * sizeof(float));
+        for (int64_t group = 1; group < groups; ++group) {
+          const float* src = dB_partial.data() + (b * groups + group) * length;
+          for (int64_t t = 0; t < length; ++t) dst[t] += src[t];
         }
       }
     }

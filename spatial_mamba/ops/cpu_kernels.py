@@ -1,6 +1,5 @@
-"""The ``cpu`` backend: compiled CPU kernels of ``state_fusion`` and ``fused_observation`` (forward and backward) and
-of the ``selective_scan`` forward with d_state N = 1 (its backward is the reference's, from the saved states and Δ),
-all in ``kernels/cpu/``.
+"""The ``cpu`` backend: compiled CPU kernels of ``state_fusion``, ``fused_observation`` and ``selective_scan``
+(d_state N = 1), forward and backward, in ``kernels/cpu/``.
 
 The kernels are plain C++ over raw float pointers (no torch headers), compiled with g++ on first use
 (``-O3 -march=native -fopenmp``) into a cache directory, ``$SPATIAL_MAMBA_CACHE`` or
@@ -31,7 +30,6 @@ from typing import Dict, List, Tuple
 import torch
 
 from . import backend
-from . import selective_scan as _scan
 from .state_fusion import FUSION_OFFSETS
 
 __all__ = [
@@ -135,6 +133,8 @@ def _bind(library: ctypes.CDLL) -> str:
     library.sm_fusion_backward.restype = None
     library.sm_scan_forward.argtypes = [_P] * 5 + [ctypes.c_int] + [_P] * 2 + [_I64] * 3 + [ctypes.c_int]
     library.sm_scan_forward.restype = None
+    library.sm_scan_backward.argtypes = [_P] * 5 + [ctypes.c_int] + [_P] * 8 + [_I64] * 3 + [ctypes.c_int]
+    library.sm_scan_backward.restype = None
     dy, dx = (ctypes.c_int * N_TAPS)(), (ctypes.c_int * N_TAPS)()
     count = library.sm_fusion_offsets(dy, dx)
     if count != N_TAPS or tuple(zip(dy, dx)) != FUSION_OFFSETS:
@@ -314,11 +314,23 @@ class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dhs):
-        # The reference's backward, from the states and Δ this forward saved: the same formulas as the reference.
         u, delta, A, B, delta_bias, hs, dt = ctx.saved_tensors
-        with torch.autocast("cpu", enabled=False):
-            grads = _scan._backward(dhs, u, delta, A, B, delta_bias, ctx.delta_softplus, hs, dt)
-        return (*grads, None)
+        library, _ = _library()
+        need_u, need_delta, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
+        du = torch.empty_like(u) if need_u else None
+        # d delta is computed on the way to d bias.
+        ddelta = torch.empty_like(delta) if need_delta or need_bias else None
+        dA = torch.empty_like(A) if need_A else None
+        dB = torch.empty_like(B) if need_B else None
+        dbias = torch.empty_like(delta_bias) if need_bias else None
+        dhs = dhs.to(torch.float32).contiguous()
+        batch, channels, length = u.shape
+        library.sm_scan_backward(
+            _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(delta_bias), int(bool(ctx.delta_softplus)), _ptr(hs),
+            _ptr(dt), _ptr(dhs), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dB), _ptr(dbias), batch, channels, length,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return du, ddelta if need_delta else None, dA, dB, dbias, None
 
 
 def supports_selective_scan(u=None, delta=None, A=None, B=None, delta_bias=None, *rest) -> List[str]:

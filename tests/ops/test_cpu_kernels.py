@@ -238,3 +238,23 @@ def test_cpu_scan_declines_d_state_above_one_and_other_dtypes():
     ]
     half = u.bfloat16()
     assert "bfloat16 inputs" in cpu_kernels.supports_selective_scan(half, half, torch.zeros(3, 1), None, None)[0]
+
+
+@needs_kernels
+@pytest.mark.parametrize("wanted", ["u", "delta", "A", "B", "delta_bias"])
+def test_cpu_scan_computes_the_gradients_asked_for(wanted):
+    from spatial_mamba.ops import selective_scan_fn
+
+    inputs, dhs = parity.scan_inputs(2, 9, 40, torch.float32)
+    exact = {k: v.double() for k, v in inputs.items()}
+    _, expected = parity.run_scan(parity.sequential_scan, exact, True, dhs.double())
+    leaves = {k: v.clone().requires_grad_(k == wanted) for k, v in inputs.items()}
+    with backend.force("cpu"):
+        hs = selective_scan_fn(
+            leaves["u"], leaves["delta"], leaves["A"], leaves["B"], delta_bias=leaves["delta_bias"], delta_softplus=True
+        )
+    hs.backward(dhs)
+    for name, leaf in leaves.items():
+        if name != wanted:
+            assert leaf.grad is None, name
+    parity.assert_close(leaves[wanted].grad, expected[wanted], 1e-5, parity.ATOL_OF_MAX, f"d{wanted}")
