@@ -1,10 +1,12 @@
-"""CPU benchmark of the state fusion and the fused observation: the reference backend against the compiled ``cpu``
-backend (``kernels/cpu/``) at Spatial-Mamba-T's four stage shapes (224x224, batch 8).
+"""CPU benchmark of the state fusion, the fused observation and the selective scan: the reference backend against the
+compiled ``cpu`` backend (``kernels/cpu/``) at Spatial-Mamba-T's four stage shapes (224x224, batch 8).
 
-    .venv/bin/python benchmarks/fusion_cpu.py [--batch 8] [--rounds 7] [--threads N] [--out results/fusion_cpu.json]
+    .venv/bin/python benchmarks/fusion_cpu.py [--batch 8] [--rounds 7] [--threads N] [--ops state_fusion ...]
+        [--out results/fusion_cpu.json]
 
-For each stage, op (``state_fusion``: fn(h, taps); ``fused_observation``: fn(h, taps, C, u, D)) and pass (forward
-under no_grad; forward + backward with every input requiring its gradient), the two backends are timed in
+For each stage, op (``state_fusion``: fn(h, taps); ``fused_observation``: fn(h, taps, C, u, D); ``selective_scan``:
+fn(u, delta, A, B, delta_bias, softplus) over the stage's H x W tokens, d_state 1) and pass (forward under no_grad;
+forward + backward with every input requiring its gradient), the two backends are timed in
 interleaved rounds (reference, cpu, reference, cpu, ...), so that a load that comes and goes on a shared machine
 reaches both; the table gives each backend's median over the rounds and the ratio reference / cpu of the medians.
 The load average before and after is printed and stored. float32, the model's ranges do not matter to the time.
@@ -27,12 +29,22 @@ from spatial_mamba.ops import backend
 # (d_inner, height = width): Spatial-Mamba-T at 224x224 (the official ``spatialmamba_tiny`` config).
 STAGES = ((128, 56), (256, 28), (512, 14), (1024, 7))
 BACKENDS = ("reference", "cpu")
-OPS = ("state_fusion", "fused_observation")
+OPS = ("state_fusion", "fused_observation", "selective_scan")
 PASSES = ("forward", "forward+backward")
 
 
 def make_inputs(op: str, batch: int, channels: int, side: int, grad: bool):
     gen = torch.Generator().manual_seed(0)
+    if op == "selective_scan":
+        length = side * side
+        tensors = [
+            torch.randn(batch, channels, length, generator=gen),
+            torch.randn(batch, channels, length, generator=gen) - 3.0,
+            -torch.rand(channels, 1, generator=gen) * 3.5 - 0.5,
+            torch.randn(batch, 1, length, generator=gen),
+            torch.rand(channels, generator=gen) - 4.0,
+        ]
+        return [t.requires_grad_(grad) for t in tensors]
     h = torch.randn(batch, channels, side, side, generator=gen)
     taps = torch.randn(channels, 25, generator=gen) / 5
     tensors = [h, taps]
@@ -48,13 +60,15 @@ def make_inputs(op: str, batch: int, channels: int, side: int, grad: bool):
 def step(op: str, name: str, tensors, grad: bool, dy):
     with backend.force(name, op):
         fn = backend.select(op, *tensors)
+    args = (*tensors, True) if op == "selective_scan" else tensors  # the scan with its softplus, as in the model
     if not grad:
         with torch.no_grad():
-            fn(*tensors)
+            fn(*args)
         return
     for t in tensors:
         t.grad = None
-    fn(*tensors).backward(dy)
+    out = fn(*args)
+    out.backward(dy.reshape(out.shape))  # the scan's hs is (B, C, 1, H * W)
 
 
 def time_ms(fn) -> float:
@@ -68,11 +82,12 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case (the median is reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="the ops to time (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ok, why = backend.is_available("state_fusion", "cpu")
+    ok, why = backend.is_available(args.ops[0], "cpu")
     if not ok:
         raise SystemExit(f"the cpu backend is unavailable: {why}")
     load_before = os.getloadavg()
@@ -82,7 +97,7 @@ def main():
     print(header)
     print("-" * len(header))
     results = []
-    for op in OPS:
+    for op in args.ops:
         for pass_name in PASSES:
             grad = pass_name != "forward"
             for channels, side in STAGES:
