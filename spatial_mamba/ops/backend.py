@@ -213,7 +213,9 @@ def _reasons(op: str, backend: str, tensors: Sequence, on_cuda: bool) -> Tuple[L
         return ["the tensors are not on a CUDA device"], False
     if backend == "triton" and not on_cuda and not _triton_interpret():
         return ["the tensors are on the CPU and TRITON_INTERPRET=1 is not set"], False
-    return list(impl.supports(*tensors)) if backend != "cpu" else [], False
+    if backend == "cpu":
+        return [], False  # its input checks ran above
+    return list(impl.supports(*tensors)), False
 
 
 def _announce(choice: Choice, warn: bool = False):
