@@ -258,3 +258,26 @@ def test_cpu_scan_computes_the_gradients_asked_for(wanted):
         if name != wanted:
             assert leaf.grad is None, name
     parity.assert_close(leaves[wanted].grad, expected[wanted], 1e-5, parity.ATOL_OF_MAX, f"d{wanted}")
+
+
+@needs_kernels
+def test_cpu_scan_results_do_not_depend_on_the_thread_count():
+    from spatial_mamba.ops import selective_scan_fn
+
+    def scan(u, delta, A, B, delta_bias, delta_softplus):
+        return selective_scan_fn(u, delta, A, B, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+    inputs, dhs = parity.scan_inputs(3, 21, 70, torch.float32)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3, 7):
+            torch.set_num_threads(count)
+            with backend.force("cpu"):
+                hs, grads = parity.run_scan(scan, inputs, True, dhs)
+            results.append((hs, *(grads[k] for k in sorted(grads))))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
