@@ -13,7 +13,8 @@ MODEL_OPS = ("selective_scan", "dwconv2d")
 
 
 def model_backends(device: torch.device) -> Dict[str, Dict[str, object]]:
-    """For each op: the backend the model runs on ``device`` (``default``) and every backend's status."""
+    """For each op: the backend the model runs on ``device`` (``default``) and the status of every backend of the GPU
+    walk (``backend.CUDA_ORDER``; the CPU kernels are benchmarked by ``benchmarks/fusion_cpu.py``)."""
     probe = torch.zeros(1, device=device)
     status = backend.describe()
     report = {}
@@ -22,7 +23,12 @@ def model_backends(device: torch.device) -> Dict[str, Dict[str, object]]:
             default, note = backend.choose(op, probe)[0], None
         except RuntimeError as error:  # SPATIAL_MAMBA_BACKEND forces a backend that cannot run here
             default, note = None, str(error)
-        report[op] = {"default": default, "default_note": note, "status": status.get(op, {})}
+        op_status = status.get(op, {})
+        report[op] = {
+            "default": default,
+            "default_note": note,
+            "status": {name: op_status[name] for name in backend.CUDA_ORDER if name in op_status},
+        }
     return report
 
 

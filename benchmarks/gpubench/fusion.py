@@ -86,7 +86,7 @@ def bench_fusion(run: Run):
             run.free_memory()
 
         official = functools.partial(official_path_state_fusion, merged=merged)
-        for name in backend.BACKENDS:
+        for name in backend.CUDA_ORDER:
             impl, why = backend_impl("dwconv2d", name, h, params[0])
             for direction in DIRECTIONS:
                 section = run.results[f"fusion_{direction}"][path]
@@ -101,7 +101,7 @@ def bench_fusion(run: Run):
                 section["fused"] = {name: _rebased(entry, section) for name, entry in fused[direction].items()}
                 continue
             section["fused"] = fused[direction] = {}
-            for name in backend.BACKENDS:
+            for name in backend.CUDA_ORDER:
                 impl, why = backend_impl("state_fusion", name, h, fusion_taps(*params))
                 fusion = None if impl is None else functools.partial(_fused_state_fusion, impl)
                 row = FusionRow(f"{direction} fused ({name})", fusion, why)

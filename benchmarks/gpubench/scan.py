@@ -97,7 +97,7 @@ def bench_scan(run: Run):
     except Exception as error:
         run.failed("scan (reference outputs for the checks)", error)
 
-    for name in backend.BACKENDS:
+    for name in backend.CUDA_ORDER:
         impl, why = backend_impl("selective_scan", name, *inputs)
         for direction in DIRECTIONS:
             entry: Dict[str, object] = {"available": impl is not None}

@@ -1,8 +1,9 @@
 """Custom ops of Spatial-Mamba: the hidden-state selective scan, the structure-aware state fusion (25 taps), alone or
 fused with the observation step, and the replicate-padded depthwise convolution.
 
-Importing this package registers every backend that exists: the pure-PyTorch reference always, the Triton kernels
-when Triton imports, and the compiled CUDA extension when it was built.
+Importing this package registers every backend that exists: the pure-PyTorch reference always, the compiled CPU
+kernels (built with g++ at their first use), the Triton kernels when Triton imports, and the compiled CUDA extension
+when it was built.
 """
 
 from . import backend
@@ -22,6 +23,7 @@ __all__ = [
 ]
 from . import (
     _cuda,  # noqa: F401  registers the compiled kernels when they were built
+    cpu_kernels,  # noqa: F401  registers the compiled CPU kernels (compiled at their first use)
     triton_dwconv2d,  # noqa: F401  registers the Triton kernels when Triton imports
     triton_scan,  # noqa: F401  registers the Triton kernels when Triton imports
     triton_state_fusion,  # noqa: F401  registers the Triton kernels when Triton imports

@@ -1,21 +1,28 @@
 """Backend choice for the custom ops.
 
-Every op (``selective_scan``, ``dwconv2d``, ``state_fusion``) has up to three implementations, tried in this order:
+Every op (``selective_scan``, ``dwconv2d``, ``state_fusion``, ``fused_observation``) has up to four implementations:
 
 1. ``cuda``: the compiled extension from ``kernels/`` (``SPATIAL_MAMBA_BUILD_CUDA=1``), for CUDA tensors;
 2. ``triton``: Triton kernels, for CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1`` when forced);
-3. ``reference``: pure PyTorch, the CPU path.
+3. ``cpu``: C++ kernels from ``kernels/cpu/``, compiled with g++ on first use, for float32 CPU tensors
+   (``state_fusion``, ``fused_observation``, ``selective_scan`` with d_state 1; ``spatial_mamba/ops/cpu_kernels.py``);
+4. ``reference``: pure PyTorch, every device and dtype.
 
 A backend can decline by *what the inputs need*, not only by being absent: each registration may pass
 ``supports(*tensors) -> reasons``, the list of reasons it cannot take these inputs (empty: it can; for example
-"d_state N = 2 > 1" or "float64 inputs"). The dispatcher walks cuda -> triton -> reference and takes the first backend
-that is available and supports the inputs; on a GPU, reaching the reference is a warning that lists every reason.
-CPU tensors run on the reference unless a backend is forced.
+"d_state N = 2 > 1" or "float64 inputs"). On CUDA tensors the dispatcher walks cuda -> triton -> reference and takes
+the first backend that is available and supports the inputs; reaching the reference there is a warning that lists
+every reason. On CPU tensors it walks cpu -> reference: the ``cpu`` backend declines, silently (logged at info),
+what it cannot take (non-float32 tensors, and tracers: torch.compile, torch.export, TorchScript and ONNX tracing, FX
+proxies, fake and meta tensors), and the reference runs those. A backend in the walk that is *unavailable* (for
+``cpu``: no compiler, or the compile failed) is a RuntimeWarning naming the reason, once per process, before the
+reference runs in its place. A backend's input checks come before its availability check only for ``cpu``: inputs it
+declines never start its compile.
 
 Forcing a backend, for tests and benchmarks: ``with backend.force("triton"): ...`` (optionally for one op), or the
-environment variable ``SPATIAL_MAMBA_BACKEND=cuda|triton|reference`` for a whole process; the context manager wins.
-A forced backend that cannot run raises an error that says why. The backend each op runs on is logged once per
-process.
+environment variable ``SPATIAL_MAMBA_BACKEND=cuda|triton|cpu|reference`` for a whole process; the context manager
+wins. ``SPATIAL_MAMBA_BACKEND=reference`` runs everything on the pure-PyTorch reference. A forced backend that cannot
+run raises an error that says why. The backend each op runs on is logged once per process.
 """
 
 from __future__ import annotations
@@ -45,7 +52,10 @@ __all__ = [
     "select",
 ]
 
-BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+# The walk over backends for CUDA tensors and for CPU tensors.
+CUDA_ORDER = ("cuda", "triton", "reference")
+CPU_ORDER = ("cpu", "reference")
 ENV_VAR = "SPATIAL_MAMBA_BACKEND"
 
 logger = logging.getLogger("spatial_mamba")
@@ -81,6 +91,8 @@ class Choice:
     # Backends tried before the chosen one, each with the reasons it was passed over.
     passed_over: Dict[str, List[str]] = field(default_factory=dict)
     forced_by: str | None = None
+    # The passed-over backends that cannot run here at all (not built, no compiler), with the reason.
+    unavailable: Dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         skipped = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in self.passed_over.items())
@@ -89,6 +101,7 @@ class Choice:
 
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {}
 _ANNOUNCED: set = set()
+_WARNED_UNAVAILABLE: set = set()
 # (backend, op or None for every op) set by ``force``; innermost wins.
 _FORCED: contextvars.ContextVar[Tuple[Tuple[str, str | None], ...]] = contextvars.ContextVar(
     "spatial_mamba_forced_backend", default=()
@@ -181,19 +194,28 @@ def _on_cuda(tensors: Sequence) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
 
 
-def _reasons(op: str, backend: str, tensors: Sequence, on_cuda: bool) -> List[str]:
-    """Why ``backend`` cannot run ``op`` on ``tensors`` (empty when it can)."""
+def _reasons(op: str, backend: str, tensors: Sequence, on_cuda: bool) -> Tuple[List[str], bool]:
+    """Why ``backend`` cannot run ``op`` on ``tensors`` (empty when it can), and whether it is unavailable here."""
     impl = _REGISTRY.get(op, {}).get(backend)
     if impl is None:
-        return [f"no {backend} implementation of {op} is registered"]
+        return [f"no {backend} implementation of {op} is registered"], True
+    if backend == "cpu":
+        # Input checks first: a traced or float64 call must not start the compile.
+        if on_cuda:
+            return ["the tensors are on a CUDA device"], False
+        reasons = list(impl.supports(*tensors))
+        if reasons:
+            return reasons, False
     ok, reason = impl.available()
     if not ok:
-        return [reason]
+        return [reason], True
     if backend == "cuda" and not on_cuda:
-        return ["the tensors are not on a CUDA device"]
+        return ["the tensors are not on a CUDA device"], False
     if backend == "triton" and not on_cuda and not _triton_interpret():
-        return ["the tensors are on the CPU and TRITON_INTERPRET=1 is not set"]
-    return list(impl.supports(*tensors))
+        return ["the tensors are on the CPU and TRITON_INTERPRET=1 is not set"], False
+    if backend == "cpu":
+        return [], False  # its input checks ran above
+    return list(impl.supports(*tensors)), False
 
 
 def _announce(choice: Choice, warn: bool = False):
@@ -219,26 +241,50 @@ def explain(op: str, *tensors) -> Choice:
     on_cuda = _on_cuda(tensors)
     forced, forced_by = _forced(op)
     if forced is not None:
-        reasons = _reasons(op, forced, tensors, on_cuda)
+        reasons, _ = _reasons(op, forced, tensors, on_cuda)
         if reasons:
             raise RuntimeError(f"{forced_by} was asked for, but {op} cannot run on it: {'; '.join(reasons)}")
         return Choice(op, forced, _REGISTRY[op][forced].fn, f"forced by {forced_by}", forced_by=forced_by)
     passed_over: Dict[str, List[str]] = {}
-    order = BACKENDS if on_cuda else ("reference",)
+    unavailable: Dict[str, str] = {}
+    # On the CPU, a backend without an implementation of this op is not part of its walk.
+    order = CUDA_ORDER if on_cuda else tuple(name for name in CPU_ORDER if name in _REGISTRY[op])
     for name in order:
-        reasons = _reasons(op, name, tensors, on_cuda)
+        reasons, missing = _reasons(op, name, tensors, on_cuda)
         if not reasons:
             why = "CPU tensors" if not on_cuda else ("first able backend" if passed_over else "fastest backend")
-            return Choice(op, name, _REGISTRY[op][name].fn, why, passed_over)
+            return Choice(op, name, _REGISTRY[op][name].fn, why, passed_over, unavailable=unavailable)
         passed_over[name] = reasons
+        if missing:
+            unavailable[name] = reasons[0]
     details = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in passed_over.items())
     raise RuntimeError(f"no backend of {op} can take these inputs ({details})")
+
+
+def _warn_unavailable(choice: Choice):
+    """On CPU tensors: a RuntimeWarning, once per process and reason, for each backend of the walk that cannot run."""
+    if torch.compiler.is_compiling():
+        return
+    for name, reason in choice.unavailable.items():
+        if (name, reason) in _WARNED_UNAVAILABLE:
+            continue
+        _WARNED_UNAVAILABLE.add((name, reason))
+        warnings.warn(
+            f"spatial_mamba: the {name} backend is unavailable ({reason}); {choice.op} and the other ops it "
+            f"serves run on the {choice.backend} backend instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def choose(op: str, *tensors) -> Tuple[str, Callable]:
     """Returns ``(backend name, implementation)`` of ``op`` for ``tensors`` (see :func:`explain`), and logs it."""
     choice = explain(op, *tensors)
-    _announce(choice, warn=choice.backend == "reference" and bool(choice.passed_over) and choice.forced_by is None)
+    on_cuda = _on_cuda(tensors)
+    if not on_cuda:
+        _warn_unavailable(choice)
+    warn = on_cuda and choice.backend == "reference" and bool(choice.passed_over) and choice.forced_by is None
+    _announce(choice, warn=warn)
     return choice.backend, choice.fn
 
 

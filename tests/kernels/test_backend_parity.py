@@ -8,7 +8,10 @@ references). Backends:
   only when it is imported, so without a GPU those tests run in a child pytest started with TRITON_INTERPRET=1
   (``test_interpreted_triton_backend_passes_in_a_child_process``), about a minute on 2 cores;
 - ``cuda``: on a GPU with the extension built, else skipped (the CUDA source is checked on the CPU by
-  test_cuda_emulated.py).
+  test_cuda_emulated.py);
+- ``cpu``: the compiled CPU kernels, on CPU tensors, float32 only (other dtypes are the reference's: the backend
+  declines them, tested in test_dispatch.py). Its own paths (planes smaller than the halo, widths around its vector
+  width, row blocks, channel groups, thread counts) have the cases of ``CPU_FUSION_CASES``.
 The interpreter is slow (tens of microseconds per element and tap), so CPU shapes stay small; they still cover one
 position/pixel, chunk and tile boundaries, masked channels, planes smaller than the halo and non-square planes. GPUs
 add the model's stage shapes and long rows.
@@ -57,6 +60,8 @@ BACKEND_PARAMS = _backend_params()
 
 
 def device_for(name: str) -> str:
+    if name == "cpu":
+        return "cpu"
     return "cuda" if GPU and not (name == "triton" and INTERPRETED) else "cpu"
 
 
@@ -67,6 +72,8 @@ def require(op: str, name: str, *tensors):
     ok, why = backend.is_available(op, name)
     if not ok:
         pytest.skip(f"{name} is unavailable here: {why}")
+    if name == "cpu" and any(t is not None and t.dtype != torch.float32 for t in tensors):
+        pytest.skip("the cpu backend takes float32 only (the reference runs the other dtypes)")
     with backend.force(name, op):
         assert backend.explain(op, *tensors).backend == name
 

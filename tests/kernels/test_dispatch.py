@@ -1,7 +1,10 @@
-"""The dispatcher (spatial_mamba/ops/backend.py): backends declare what they support, the walk cuda -> triton ->
-reference hands inputs a backend cannot take to the next one, and ``backend.force`` pins one backend."""
+"""The dispatcher (spatial_mamba/ops/backend.py): backends declare what they support, the walk (cuda -> triton ->
+reference on CUDA tensors, cpu -> reference on CPU tensors) hands inputs a backend cannot take to the next one, a
+backend of the CPU walk that cannot run at all is a warning once per process, and ``backend.force`` pins one
+backend."""
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -82,7 +85,7 @@ def test_force_is_per_thread(toy):
 
 
 def test_force_rejects_unknown_backends():
-    with pytest.raises(ValueError, match="force\\(backend\\) must be one of cuda, triton, reference, got 'cudnn'"):
+    with pytest.raises(ValueError, match="force\\(backend\\) must be one of cuda, triton, cpu, reference, got 'cudnn'"):
         with backend.force("cudnn"):
             pass
 
@@ -92,9 +95,87 @@ def test_unknown_op_is_a_clear_error():
         backend.choose("nope", torch.zeros(1))
 
 
+@pytest.fixture
+def toy_cpu(monkeypatch):
+    """A toy op 'toy_cpu' with a cpu backend that takes only float32 (its availability is ``state['available']``),
+    a cuda backend and the reference; the tensors are CPU tensors."""
+    monkeypatch.setattr(backend, "_REGISTRY", dict(backend._REGISTRY))
+    monkeypatch.setattr(backend, "_WARNED_UNAVAILABLE", set())
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    state = {"available": (True, "built")}
+    backend.register("toy_cpu", "reference", _impl("reference"))
+    backend.register("toy_cpu", "cuda", _impl("cuda"))
+    backend.register(
+        "toy_cpu",
+        "cpu",
+        _impl("cpu"),
+        lambda: state["available"],
+        supports=lambda x: [] if x.dtype == torch.float32 else [f"{x.dtype} input"],
+    )
+    return state
+
+
+def test_cpu_tensors_walk_the_cpu_backend_then_the_reference(toy_cpu):
+    assert backend.choose("toy_cpu", torch.zeros(2))[0] == "cpu"
+    choice = backend.explain("toy_cpu", torch.zeros(2, dtype=torch.float64))
+    assert (choice.backend, choice.passed_over, choice.unavailable) == (
+        "reference",
+        {"cpu": ["torch.float64 input"]},
+        {},
+    )
+
+
+def test_a_cpu_decline_for_the_inputs_is_silent(toy_cpu):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.choose("toy_cpu", torch.zeros(2, dtype=torch.float64))[0] == "reference"
+
+
+def test_an_unavailable_cpu_backend_warns_once_with_its_reason(toy_cpu):
+    toy_cpu["available"] = (False, "g++ failed to compile state_fusion.cpp: error: boom")
+    with pytest.warns(RuntimeWarning, match=r"the cpu backend is unavailable \(g\+\+ failed .*boom\)"):
+        assert backend.choose("toy_cpu", torch.zeros(2))[0] == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.choose("toy_cpu", torch.zeros(2))[0] == "reference"
+
+
+def test_an_input_decline_comes_before_the_availability_check(toy_cpu):
+    # float64 inputs never ask whether the kernels can be built (that would start their compile).
+    def never():
+        raise AssertionError("available() was called")
+
+    backend._REGISTRY["toy_cpu"]["cpu"].available = never
+    assert backend.choose("toy_cpu", torch.zeros(2, dtype=torch.float64))[0] == "reference"
+
+
+def test_cuda_tensors_never_walk_the_cpu_backend(toy_cpu, monkeypatch):
+    monkeypatch.setattr(backend, "_on_cuda", lambda tensors: True)
+    choice = backend.explain("toy_cpu", torch.zeros(2))
+    assert choice.backend == "cuda" and choice.passed_over == {}
+    backend._REGISTRY["toy_cpu"]["cuda"].available = lambda: (False, "not built")
+    choice = backend.explain("toy_cpu", torch.zeros(2))
+    assert choice.backend == "reference" and "cpu" not in choice.passed_over
+    with backend.force("cpu"), pytest.raises(RuntimeError, match="on a CUDA device"):
+        backend.choose("toy_cpu", torch.zeros(2))
+
+
+def test_the_reference_can_be_forced_over_the_cpu_backend(toy_cpu, monkeypatch):
+    with backend.force("reference"):
+        assert backend.choose("toy_cpu", torch.zeros(2))[0] == "reference"
+    monkeypatch.setenv(backend.ENV_VAR, "reference")
+    assert backend.choose("toy_cpu", torch.zeros(2))[0] == "reference"
+    monkeypatch.setenv(backend.ENV_VAR, "cpu")
+    assert backend.choose("toy_cpu", torch.zeros(2))[0] == "cpu"
+
+
 def test_cpu_tensors_run_on_the_reference_unless_forced():
-    choice = backend.explain("selective_scan", torch.zeros(1, 2, 3))
+    # dwconv2d has no cpu backend; float64 inputs are the reference's whatever the op.
+    choice = backend.explain("dwconv2d", torch.zeros(1, 2, 3, 3), torch.zeros(2, 1, 3, 3))
+    assert (choice.backend, choice.why, choice.passed_over) == ("reference", "CPU tensors", {})
+    choice = backend.explain("selective_scan", torch.zeros(1, 2, 3, dtype=torch.float64))
     assert (choice.backend, choice.why) == ("reference", "CPU tensors")
+    assert "float64 inputs" in choice.passed_over["cpu"][0]
 
 
 @pytest.mark.parametrize("name", ["cuda", "triton"])

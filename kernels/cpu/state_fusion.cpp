@@ -1,0 +1,448 @@
+// CPU kernels of the structure-aware state fusion (the paper's eq. for h_t; the official
+// classification/models/spatialmamba.py, StateFusion) and of the fused observation y = fusion(h) * C + D * u:
+//
+//   F[b, c, y, x] = sum_k taps[c, k] * h[b, c, clamp(y + dy_k, 0, H - 1), clamp(x + dx_k, 0, W - 1)]
+//
+// over the 25 offsets of spatial_mamba/ops/state_fusion.py (FUSION_OFFSETS), float32 throughout.
+//
+// Plain C++ over raw pointers (no torch headers): spatial_mamba/ops/cpu_kernels.py compiles this file with
+// g++ -O3 -march=native -fopenmp, loads it with ctypes and passes the tensors' data pointers.
+//
+// Layout of the work: a task is a block of rows of one plane (forward) or of the planes of a group of channels of one
+// batch element (backward). A task copies the rows it reads, with their halo, into a thread-local buffer of
+// `stride` floats per row: replicate-padded h for the forward, zero-padded dF for the adjoint. Every pixel is then an
+// interior pixel of the buffer: the 25 taps are summed over VW consecutive pixels in vector registers with no clamp,
+// whatever the size of the plane (planes smaller than the halo included).
+//
+// The adjoint: the forward is a correlation of the replicate-padded plane, so dh is the correlation of zero-padded
+// dF with the flipped taps over the plane and its 5-pixel halo, with each halo pixel's result then added onto the
+// border pixel the padding copied there (`adjoint`; the halo rows are summed before the taps are applied): exact,
+// and vectorised like the forward.
+//
+// Reductions (dtaps, dD over batch and plane; dC over channels) are deterministic: each task writes its own partial
+// sums, added afterwards in a fixed order that depends on the shapes only, not on the number of threads.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kTaps = 25;
+constexpr int kHalo = 5;
+// The offsets of FUSION_OFFSETS: the centre, then for d = 1, 3, 5 the eight outer taps of the 3x3 kernel, row-major.
+constexpr int kDy[kTaps] = {0, -1, -1, -1, 0, 0, 1, 1, 1, -3, -3, -3, 0, 0, 3, 3, 3, -5, -5, -5, 0, 0, 5, 5, 5};
+constexpr int kDx[kTaps] = {0, -1, 0, 1, -1, 1, -1, 0, 1, -3, 0, 3, -3, 3, -3, 0, 3, -5, 0, 5, -5, 5, -5, 0, 5};
+// dtaps and dD partial sums of one (batch element, row block, channel): 25 taps, then dD.
+constexpr int kPartials = kTaps + 1;
+// Channels per backward task: their dC partial sums share one buffer.
+constexpr int64_t kChannelGroup = 16;
+// A task's rows (with their halo) fill about this many floats of buffer.
+constexpr int64_t kBufferFloats = 32768;
+
+template <int VW>
+struct Vec {
+  typedef float type __attribute__((vector_size(VW * sizeof(float))));
+};
+
+template <int VW>
+inline typename Vec<VW>::type load(const float* p) {
+  typename Vec<VW>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int VW>
+inline void store(float* p, typename Vec<VW>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+struct Geometry {
+  int64_t height, width;
+  int64_t stride;      // floats per buffer row, a multiple of 16 (room for every vector read, see `geometry`)
+  int64_t block_rows;  // output rows per task
+  int64_t blocks;      // row blocks per plane
+};
+
+// Buffers hold a task's rows with a halo of 5 (replicate-padded h) or 10 (zero-padded dF, whose adjoint is computed
+// on the plane and its 5-pixel halo); rows are `stride` floats, enough for the widest vector read: the adjoint's
+// round_up(width + 10, VW) outputs, each reading 5 columns either side.
+template <int VW>
+Geometry geometry(int64_t height, int64_t width) {
+  Geometry g;
+  g.height = height;
+  g.width = width;
+  g.stride = round_up(round_up(width + 2 * kHalo, VW) + 2 * kHalo, 16);
+  g.block_rows = std::min(height, std::max<int64_t>(8, kBufferFloats / g.stride - 4 * kHalo));
+  g.blocks = (height + g.block_rows - 1) / g.block_rows;
+  return g;
+}
+
+// Tasks taken at a time by a thread: about 16 chunks per thread, so that a thread slowed down (by another process)
+// hands its share to the others. The partial sums belong to tasks, not threads: the results do not depend on it.
+inline int64_t chunk_size(int64_t tasks, int threads) { return std::max<int64_t>(1, tasks / (16 * threads)); }
+
+inline int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Rows r0 - 5 .. r1 + 4 of `plane`, each clamped into the plane and padded with 5 copies of its end pixels; plane
+// pixel (y, x) lands at buffer[(y - r0 + 5) * stride + x + 5]. Columns past width + 10 stay zero.
+void pad_replicate(const float* plane, const Geometry& g, int64_t r0, int64_t r1, float* buffer) {
+  const int64_t w = g.width;
+  for (int64_t i = 0; i < r1 - r0 + 2 * kHalo; ++i) {
+    const float* src = plane + clamp(r0 - kHalo + i, 0, g.height - 1) * w;
+    float* dst = buffer + i * g.stride;
+    for (int j = 0; j < kHalo; ++j) dst[j] = src[0];
+    std::memcpy(dst + kHalo, src, w * sizeof(float));
+    for (int j = 0; j < kHalo; ++j) dst[kHalo + w + j] = src[w - 1];
+  }
+}
+
+// Rows r0 - 10 .. r1 + 9 of dF = dy (* C when C is given), zero outside the plane; pixel (y, x) lands at
+// buffer[(y - r0 + 10) * stride + x + 10]. The columns outside [10, 10 + width) are zero from the buffer's allocation
+// and never written.
+void pad_zero(const float* dy, const float* obs, const Geometry& g, int64_t r0, int64_t r1, float* buffer) {
+  const int64_t w = g.width;
+  for (int64_t i = 0; i < r1 - r0 + 4 * kHalo; ++i) {
+    const int64_t y = r0 - 2 * kHalo + i;
+    float* dst = buffer + i * g.stride + 2 * kHalo;
+    if (y < 0 || y >= g.height) {
+      // With one block a plane, these rows hold no plane row in any task: zero since the buffer's allocation.
+      if (g.blocks > 1) std::memset(dst, 0, w * sizeof(float));
+    } else if (obs == nullptr) {
+      std::memcpy(dst, dy + y * w, w * sizeof(float));
+    } else {
+      for (int64_t x = 0; x < w; ++x) dst[x] = dy[y * w + x] * obs[y * w + x];
+    }
+  }
+}
+
+// Rows summed together: independent accumulators hide the latency of the multiply-adds.
+constexpr int kTileRows = 4;
+
+// For the rows y0 .. y0 + RY - 1 of an output of `width` columns, whose pixel (y, x) is centred on
+// centre[(y - y0) * stride + x], and for each vector of VW pixels at x0 (the last vector of a row overlaps the one
+// before it when the width is not a multiple of VW), the sums over the 25 taps of
+// taps[k] * centre[... + SIGN * (dy_k * stride + dx_k)]: the fusion (SIGN = 1, on replicate-padded h) or its
+// zero-padded adjoint (SIGN = -1, on dF). They are handed to emit(y, x0, first, count, sums): the sums at indices
+// first .. count - 1 are new (the others were handed over before, or lie past the row's end); the rows before
+// y0 + skip_rows were handed over before too.
+template <int VW, int SIGN, int RY, class Emit>
+inline void tile_rows(const float* centre, int64_t stride, int64_t width, int64_t y0, int64_t skip_rows,
+                      const float* taps, Emit& emit) {
+  typedef typename Vec<VW>::type V;
+  for (int64_t x = 0; x < width; x += VW) {
+    const int64_t x0 = width >= VW ? std::min(x, width - VW) : 0;
+    V acc[RY] = {};
+#pragma GCC unroll 25
+    for (int k = 0; k < kTaps; ++k) {
+      const float t = taps[k];
+      const float* src = centre + x0 + SIGN * (kDy[k] * stride + kDx[k]);
+#pragma GCC unroll 4
+      for (int r = 0; r < RY; ++r) acc[r] += t * load<VW>(src + r * stride);
+    }
+    for (int r = skip_rows; r < RY; ++r) emit(y0 + r, x0, x - x0, std::min<int64_t>(VW, width - x0), acc[r]);
+  }
+}
+
+// tile_rows over the output rows y0 .. y1 - 1 (centred on origin[(y - y0) * stride + x]), kTileRows at a time (the
+// last tile overlaps the one before it).
+template <int VW, int SIGN, class Emit>
+void sum_taps(const float* origin, int64_t stride, int64_t width, int64_t y0, int64_t y1, const float* taps,
+              Emit emit) {
+  if (y1 - y0 < kTileRows) {
+    for (int64_t y = y0; y < y1; ++y) tile_rows<VW, SIGN, 1>(origin + (y - y0) * stride, stride, width, y, 0, taps, emit);
+    return;
+  }
+  for (int64_t y = y0; y < y1; y += kTileRows) {
+    const int64_t t0 = std::min(y, y1 - kTileRows);
+    tile_rows<VW, SIGN, kTileRows>(origin + (t0 - y0) * stride, stride, width, t0, y - t0, taps, emit);
+  }
+}
+
+// An emit that stores the sums at out[(y - y0) * stride + x].
+template <int VW>
+struct Store {
+  float* out;
+  int64_t y0, stride;
+  inline void operator()(int64_t y, int64_t x0, int64_t, int64_t count, typename Vec<VW>::type v) {
+    float* dst = out + (y - y0) * stride + x0;
+    if (count == VW) {
+      store<VW>(dst, v);
+    } else {
+      for (int64_t i = 0; i < count; ++i) dst[i] = v[i];
+    }
+  }
+};
+
+struct Inputs {
+  const float* h;
+  const float* taps;
+  const float* obs;   // C (B, H, W), or null for the plain fusion
+  const float* u;     // (B, C, H, W), with C
+  const float* skip;  // D (C,), with C
+  int64_t batch, channels, height, width;
+};
+
+template <int VW>
+void forward(const Inputs& in, float* out, int threads) {
+  typedef typename Vec<VW>::type V;
+  const Geometry g = geometry<VW>(in.height, in.width);
+  const int64_t w = g.width, plane_size = g.height * g.width;
+  const int64_t tasks = in.batch * in.channels * g.blocks;
+  const int64_t chunk = chunk_size(tasks, threads);
+#pragma omp parallel num_threads(threads) if (tasks > 1)
+  {
+    std::vector<float> hb((g.block_rows + 2 * kHalo) * g.stride, 0.0f);
+    const float* origin = hb.data() + kHalo * g.stride + kHalo;  // plane pixel (r0, 0)
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t plane = task / g.blocks, b = plane / in.channels, c = plane % in.channels;
+      const int64_t r0 = task % g.blocks * g.block_rows, r1 = std::min(g.height, r0 + g.block_rows);
+      const float* taps = in.taps + c * kTaps;
+      pad_replicate(in.h + plane * plane_size, g, r0, r1, hb.data());
+      float* dst = out + plane * plane_size;
+      if (in.obs == nullptr) {
+        sum_taps<VW, 1>(origin, g.stride, w, r0, r1, taps, Store<VW>{dst, 0, w});
+        continue;
+      }
+      // y = F * C + D * u.
+      const float* obs = in.obs + b * plane_size;
+      const float* u = in.u + plane * plane_size;
+      const float d = in.skip[c];
+      sum_taps<VW, 1>(origin, g.stride, w, r0, r1, taps, [&](int64_t y, int64_t x0, int64_t, int64_t count, V v) {
+        const int64_t p = y * w + x0;
+        if (count == VW) {
+          store<VW>(dst + p, v * load<VW>(obs + p) + d * load<VW>(u + p));
+        } else {
+          for (int64_t i = 0; i < count; ++i) dst[p + i] = v[i] * obs[p + i] + d * u[p + i];
+        }
+      });
+    }
+  }
+}
+
+// The dP of the halo rows above (below) the plane, summed over those rows, added onto `dst`, the dP row of the first
+// (last) plane row: only the taps with dy_k < 0 (> 0) reach there, each with dF summed over the rows whose reads the
+// clamp moved there, rows 0 .. -1 - dy_k (H - dy_k .. H - 1), at px - dx_k. `sums` is a scratch row.
+void fold_halo_rows(const float* dfb, const Geometry& g, int64_t r0, const float* taps, bool above, float* sums,
+                    float* dst) {
+  const int64_t wp = g.width + 2 * kHalo;
+  std::memset(sums, 0, g.stride * sizeof(float));
+  for (int rows = 1; rows <= kHalo; ++rows) {
+    const int64_t r = above ? rows - 1 : g.height - rows;  // rows outside the plane are zero in dfb
+    const float* src = dfb + (r - r0 + 2 * kHalo) * g.stride;
+    for (int64_t x = 0; x < g.stride; ++x) sums[x] += src[x];
+    for (int k = 0; k < kTaps; ++k) {
+      if ((above ? -kDy[k] : kDy[k]) != rows) continue;
+      const float t = taps[k];
+      const float* shifted = sums + kHalo - kDx[k];
+      for (int64_t x = 0; x < wp; ++x) dst[x] += t * shifted[x];
+    }
+  }
+}
+
+// dh of one task's rows r0 .. r1 - 1, from zero-padded dF (`dfb`, see pad_zero), through `dp`, a buffer of
+// block_rows x stride floats, and `sums`, one row.
+//
+// The forward reads the replicate-padded plane P (the plane and its 5-pixel halo): F = corr(P, taps). Its adjoint is
+// dP = the correlation of zero-padded dF with the flipped taps, on the plane and its halo, followed by the adjoint
+// of the padding: each halo pixel's dP is added onto the border pixel it copies. The halo rows' dP is only ever
+// summed, so it is computed summed (`fold_halo_rows`); the halo columns' dP is computed with the plane's rows and
+// added onto the first and last columns (a corner gathers its 6 x 6 block).
+template <int VW>
+void adjoint(const float* dfb, const Geometry& g, int64_t r0, int64_t r1, const float* taps, float* dp, float* sums,
+             float* dh) {
+  const int64_t w = g.width, wp = w + 2 * kHalo;
+  // dP at (y, px), px = -5 .. w + 4, lands at dp[(y - r0) * stride + px + 5]; it is centred on dF at
+  // dfb[(y - r0 + 10) * stride + px + 10].
+  sum_taps<VW, -1>(dfb + 2 * kHalo * g.stride + kHalo, g.stride, wp, r0, r1, taps, Store<VW>{dp, r0, g.stride});
+  auto row = [&](int64_t y) { return dp + (y - r0) * g.stride; };
+  // Both onto row 0 when the plane has one row.
+  if (r0 == 0) fold_halo_rows(dfb, g, r0, taps, true, sums, row(0));
+  if (r1 == g.height) fold_halo_rows(dfb, g, r0, taps, false, sums, row(g.height - 1));
+  // Halo columns onto the first and last columns, then the plane's pixels into dh.
+  for (int64_t y = r0; y < r1; ++y) {
+    float* src = row(y);
+    float left = src[kHalo], right = w > 1 ? src[kHalo + w - 1] : 0.0f;
+    for (int j = 0; j < kHalo; ++j) left += src[j];
+    for (int j = 0; j < kHalo; ++j) right += src[2 * kHalo + w - 1 - j];
+    std::memcpy(dh + y * w, src + kHalo, w * sizeof(float));
+    dh[y * w] = w > 1 ? left : left + right;
+    if (w > 1) dh[y * w + w - 1] = right;
+  }
+}
+
+struct Grads {
+  const float* dy;
+  float* dh;     // each null when not asked for
+  float* dtaps;  // (C, 25)
+  float* dobs;   // dC (B, H, W)
+  float* du;
+  float* dskip;  // dD (C,)
+};
+
+template <int VW>
+void backward(const Inputs& in, const Grads& out, int threads) {
+  typedef typename Vec<VW>::type V;
+  const Geometry g = geometry<VW>(in.height, in.width);
+  const int64_t w = g.width, plane_size = g.height * g.width, channels = in.channels;
+  const int64_t groups = (channels + kChannelGroup - 1) / kChannelGroup;
+  const int64_t tasks = in.batch * groups * g.blocks;
+  const int64_t chunk = chunk_size(tasks, threads);
+  const bool need_partials = out.dtaps || out.dskip;
+  const bool need_df = out.dh || out.dtaps;
+  const bool need_h = out.dtaps || out.dobs;
+  // partials[(b * blocks + block) * C + c][k]; dobs_partial[(b * groups + group) * H * W + pixel].
+  std::vector<double> partials(need_partials ? in.batch * g.blocks * channels * kPartials : 0, 0.0);
+  std::vector<float> dobs_partial(out.dobs ? in.batch * groups * plane_size : 0, 0.0f);
+#pragma omp parallel num_threads(threads) if (tasks > 1)
+  {
+    std::vector<float> hb(need_h ? (g.block_rows + 2 * kHalo) * g.stride : 0, 0.0f);
+    std::vector<float> dfb(need_df ? (g.block_rows + 4 * kHalo) * g.stride : 0, 0.0f);
+    std::vector<float> dp(out.dh ? (g.block_rows + 1) * g.stride : 0, 0.0f);  // + 1: `sums`
+    const float* h_origin = hb.data() + kHalo * g.stride + kHalo;         // h at plane pixel (r0, 0)
+    const float* df_origin = dfb.data() + 2 * kHalo * (g.stride + 1);     // dF at plane pixel (r0, 0)
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t block = task % g.blocks, group = task / g.blocks % groups, b = task / g.blocks / groups;
+      const int64_t r0 = block * g.block_rows, r1 = std::min(g.height, r0 + g.block_rows);
+      const int64_t c_end = std::min(channels, (group + 1) * kChannelGroup);
+      const float* obs = in.obs ? in.obs + b * plane_size : nullptr;
+      for (int64_t c = group * kChannelGroup; c < c_end; ++c) {
+        const int64_t plane = b * channels + c;
+        const float* taps = in.taps + c * kTaps;
+        const float* dy = out.dy + plane * plane_size;
+        if (need_h) pad_replicate(in.h + plane * plane_size, g, r0, r1, hb.data());
+        if (need_df) pad_zero(dy, obs, g, r0, r1, dfb.data());
+        if (out.dh) {
+          float* sums = dp.data() + g.block_rows * g.stride;
+          adjoint<VW>(dfb.data(), g, r0, r1, taps, dp.data(), sums, out.dh + plane * plane_size);
+        }
+        if (need_partials) {
+          double* partial = partials.data() + ((b * g.blocks + block) * channels + c) * kPartials;
+          if (out.dtaps) {
+            // Lane i of acc[k] sums dF * h[shifted] over the pixels x = i (mod VW); dF is zero past the row's end.
+            V acc[kTaps] = {};
+            for (int64_t y = r0; y < r1; ++y) {
+              const float* df_row = df_origin + (y - r0) * g.stride;
+              const float* h_row = h_origin + (y - r0) * g.stride;
+              for (int64_t x = 0; x < w; x += VW) {
+                const V df = load<VW>(df_row + x);
+#pragma GCC unroll 25
+                for (int k = 0; k < kTaps; ++k) acc[k] += df * load<VW>(h_row + kDy[k] * g.stride + x + kDx[k]);
+              }
+            }
+            for (int k = 0; k < kTaps; ++k) {
+              double sum = 0.0;
+              for (int i = 0; i < VW; ++i) sum += acc[k][i];
+              partial[k] = sum;
+            }
+          }
+          if (out.dskip) {
+            const float* u = in.u + plane * plane_size;
+            double sum = 0.0;
+            for (int64_t y = r0; y < r1; ++y) {
+              float row_sum = 0.0f;
+              for (int64_t x = 0; x < w; ++x) row_sum += dy[y * w + x] * u[y * w + x];
+              sum += row_sum;
+            }
+            partial[kTaps] = sum;
+          }
+        }
+        if (out.du) {
+          const float d = in.skip[c];
+          float* du = out.du + plane * plane_size;
+          for (int64_t p = r0 * w; p < r1 * w; ++p) du[p] = dy[p] * d;
+        }
+        if (out.dobs) {
+          // dC = sum over channels of dy * F: this group's channels in order, into its own partial plane.
+          float* dst = dobs_partial.data() + (b * groups + group) * plane_size;
+          const bool first_channel = c == group * kChannelGroup;
+          sum_taps<VW, 1>(h_origin, g.stride, w, r0, r1, taps,
+                          [&](int64_t y, int64_t x0, int64_t first, int64_t count, V v) {
+                            for (int64_t i = first; i < count; ++i) {
+                              const int64_t p = y * w + x0 + i;
+                              dst[p] = first_channel ? dy[p] * v[i] : dst[p] + dy[p] * v[i];
+                            }
+                          });
+        }
+      }
+    }
+    // Fixed-order sums of the partials.
+    if (need_partials) {
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < channels; ++c) {
+        double sums[kPartials] = {};
+        for (int64_t part = 0; part < in.batch * g.blocks; ++part) {
+          const double* partial = partials.data() + (part * channels + c) * kPartials;
+          for (int k = 0; k < kPartials; ++k) sums[k] += partial[k];
+        }
+        if (out.dtaps)
+          for (int k = 0; k < kTaps; ++k) out.dtaps[c * kTaps + k] = static_cast<float>(sums[k]);
+        if (out.dskip) out.dskip[c] = static_cast<float>(sums[kTaps]);
+      }
+    }
+    if (out.dobs) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < in.batch; ++b) {
+        float* dst = out.dobs + b * plane_size;
+        std::memcpy(dst, dobs_partial.data() + b * groups * plane_size, plane_size * sizeof(float));
+        for (int64_t group = 1; group < groups; ++group) {
+          const float* src = dobs_partial.data() + (b * groups + group) * plane_size;
+          for (int64_t p = 0; p < plane_size; ++p) dst[p] += src[p];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Copies the 25 (dy, dx) offsets into dy and dx; returns their count (checked against FUSION_OFFSETS on load).
+int sm_fusion_offsets(int* dy, int* dx) {
+  for (int k = 0; k < kTaps; ++k) {
+    dy[k] = kDy[k];
+    dx[k] = kDx[k];
+  }
+  return kTaps;
+}
+
+// out = F(h) (obs null), or out = F(h) * obs[b] + skip[c] * u. Contiguous float32; taps (C, 25).
+void sm_fusion_forward(const float* h, const float* taps, const float* obs, const float* u, const float* skip,
+                       float* out, int64_t batch, int64_t channels, int64_t height, int64_t width, int threads) {
+  const Inputs in{h, taps, obs, u, skip, batch, channels, height, width};
+  if (batch * channels * height * width == 0) return;
+  if (width <= 8) {
+    forward<8>(in, out, threads);
+  } else {
+    forward<16>(in, out, threads);
+  }
+}
+
+// Gradients of sm_fusion_forward's output for the upstream gradient dy; each output pointer may be null (not asked
+// for). Without obs, dF = dy and only dh and dtaps exist.
+void sm_fusion_backward(const float* h, const float* taps, const float* obs, const float* u, const float* skip,
+                        const float* dy, float* dh, float* dtaps, float* dobs, float* du, float* dskip, int64_t batch,
+                        int64_t channels, int64_t height, int64_t width, int threads) {
+  const Inputs in{h, taps, obs, u, skip, batch, channels, height, width};
+  const Grads grads{dy, dh, dtaps, dobs, du, dskip};
+  if (batch * channels * height * width == 0) {
+    if (dtaps) std::memset(dtaps, 0, channels * kTaps * sizeof(float));
+    if (dskip) std::memset(dskip, 0, channels * sizeof(float));
+    return;
+  }
+  if (width <= 8) {
+    backward<8>(in, grads, threads);
+  } else {
+    backward<16>(in, grads, threads);
+  }
+}
+
+}  // extern "C"

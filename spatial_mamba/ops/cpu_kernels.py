@@ -1,0 +1,357 @@
+"""The ``cpu`` backend: compiled CPU kernels of ``state_fusion``, ``fused_observation`` and ``selective_scan``
+(d_state N = 1), forward and backward, in ``kernels/cpu/``.
+
+The kernels are plain C++ over raw float pointers (no torch headers), compiled with g++ on first use
+(``-O3 -march=native -fopenmp``) into a cache directory, ``$SPATIAL_MAMBA_CACHE`` or
+``~/.cache/spatial_mamba/cpu_kernels/``, under a name keyed by the source, the flags, the compiler's version and the
+CPU's flags; the library is written to a temporary name and renamed, so concurrent processes never load half a file.
+It is loaded with ctypes and called from torch.autograd.Functions with the tensors' data pointers, on
+``torch.get_num_threads()`` OpenMP threads. ``$SPATIAL_MAMBA_CXX`` names another compiler.
+
+``available()`` is (False, reason) when the compiler is missing or the compile fails; the dispatcher then warns once
+and runs the reference. ``supports(*inputs)`` declines what the kernels cannot take, silently: anything but
+contiguous-able float32 CPU tensors, and every tracer (torch.compile and torch.export, TorchScript and ONNX tracing,
+FX proxies, fake and meta tensors), to which a ctypes call is invisible; the reference serves those.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+from . import backend
+from .state_fusion import FUSION_OFFSETS
+
+__all__ = [
+    "CXX_FLAGS",
+    "SOURCES",
+    "available",
+    "cache_dir",
+    "fused_observation_cpu",
+    "selective_scan_cpu",
+    "state_fusion_cpu",
+    "supports",
+    "supports_selective_scan",
+]
+
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels" / "cpu"
+SOURCES = (SOURCE_DIR / "state_fusion.cpp", SOURCE_DIR / "selective_scan.cpp")
+CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+CACHE_ENV = "SPATIAL_MAMBA_CACHE"
+CXX_ENV = "SPATIAL_MAMBA_CXX"
+N_TAPS = 25
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_LOADED: Dict[Tuple[str, str], Tuple[ctypes.CDLL | None, str]] = {}
+_LOCK = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries are kept: ``$SPATIAL_MAMBA_CACHE`` or ``~/.cache/spatial_mamba/cpu_kernels``."""
+    root = os.environ.get(CACHE_ENV, "").strip()
+    return Path(root) if root else Path.home() / ".cache" / "spatial_mamba" / "cpu_kernels"
+
+
+def _compiler() -> str:
+    return os.environ.get(CXX_ENV, "").strip() or "g++"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.machine() + " " + platform.processor()
+
+
+def _summary(text: str, limit: int = 300) -> str:
+    """The compiler's first error line (or its first line), shortened."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    line = (errors or lines or ["no output"])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _build(cxx: str, directory: Path) -> Tuple[Path | None, str]:
+    """(path of the compiled library, why); the path is None when it cannot be built."""
+    missing = [str(path) for path in SOURCES if not path.is_file()]
+    if missing:
+        return None, f"the kernel sources {', '.join(missing)} are missing (they ship with the source tree only)"
+    if shutil.which(cxx) is None:
+        return None, f"the C++ compiler {cxx!r} was not found (set {CXX_ENV} or install g++)"
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"{cxx} --version failed: {error}"
+    parts = [path.read_bytes() for path in SOURCES] + [" ".join(CXX_FLAGS).encode(), version.encode()]
+    key = hashlib.sha256(b"\0".join([*parts, _cpu_flags().encode()]))
+    target = directory / f"state_fusion_{key.hexdigest()[:20]}.so"
+    if target.is_file():
+        return target, f"compiled CPU kernels {target}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(suffix=".so", prefix=".build_", dir=directory)
+        os.close(handle)
+    except OSError as error:
+        return None, f"the cache directory {directory} is not writable ({error})"
+    try:
+        result = subprocess.run(
+            [cxx, *CXX_FLAGS, "-o", temp, *map(str, SOURCES)], capture_output=True, text=True, timeout=600
+        )
+        if result.returncode != 0:
+            return None, f"{cxx} failed to compile {SOURCE_DIR}: {_summary(result.stderr + result.stdout)}"
+        os.replace(temp, target)
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"{cxx} failed to compile {SOURCE_DIR}: {error}"
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return target, f"compiled CPU kernels {target}"
+
+
+def _bind(library: ctypes.CDLL) -> str:
+    """Declares the kernels' signatures; returns why the library cannot be used ('' when it can)."""
+    library.sm_fusion_offsets.argtypes = [ctypes.POINTER(ctypes.c_int)] * 2
+    library.sm_fusion_offsets.restype = ctypes.c_int
+    library.sm_fusion_forward.argtypes = [_P] * 6 + [_I64] * 4 + [ctypes.c_int]
+    library.sm_fusion_forward.restype = None
+    library.sm_fusion_backward.argtypes = [_P] * 11 + [_I64] * 4 + [ctypes.c_int]
+    library.sm_fusion_backward.restype = None
+    library.sm_scan_forward.argtypes = [_P] * 5 + [ctypes.c_int] + [_P] * 2 + [_I64] * 3 + [ctypes.c_int]
+    library.sm_scan_forward.restype = None
+    library.sm_scan_backward.argtypes = [_P] * 5 + [ctypes.c_int] + [_P] * 8 + [_I64] * 3 + [ctypes.c_int]
+    library.sm_scan_backward.restype = None
+    dy, dx = (ctypes.c_int * N_TAPS)(), (ctypes.c_int * N_TAPS)()
+    count = library.sm_fusion_offsets(dy, dx)
+    if count != N_TAPS or tuple(zip(dy, dx)) != FUSION_OFFSETS:
+        return "the compiled kernels' tap offsets differ from FUSION_OFFSETS"
+    return ""
+
+
+def _library() -> Tuple[ctypes.CDLL | None, str]:
+    """The loaded library and why (or None and why not), once per compiler and cache directory."""
+    key = (_compiler(), str(cache_dir()))
+    with _LOCK:
+        if key not in _LOADED:
+            path, why = _build(key[0], Path(key[1]))
+            library = None
+            if path is not None:
+                try:
+                    library = ctypes.CDLL(str(path))
+                    problem = _bind(library)
+                except (OSError, AttributeError) as error:
+                    library, problem = None, f"{path} does not load ({error})"
+                if problem:
+                    library, why = None, problem
+            _LOADED[key] = (library, why)
+        return _LOADED[key]
+
+
+def available() -> Tuple[bool, str]:
+    """(True, the library's path) once the kernels are compiled and loaded; (False, why) otherwise."""
+    library, why = _library()
+    return library is not None, why
+
+
+def _tracing() -> str:
+    if torch.compiler.is_compiling():
+        return "torch.compile/torch.export is tracing (compiled CPU kernels are opaque to it)"
+    if torch.jit.is_tracing():
+        return "TorchScript/ONNX tracing (compiled CPU kernels are opaque to it)"
+    return ""
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a functorch wrapper (vmap, grad transforms): it has no data pointer of its own."""
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(is_wrapped is not None and is_wrapped(t))
+
+
+def _tensor_reasons(t: torch.Tensor) -> List[str]:
+    if isinstance(t, torch.fx.Proxy) or not isinstance(t, torch.Tensor):
+        return [f"a {type(t).__name__} input (compiled CPU kernels take real tensors)"]
+    if t.device.type != "cpu":
+        return [f"tensors on {t.device.type} (the cpu backend takes CPU tensors)"]
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._subclasses.fake_tensor.is_fake(t) or _wrapped(t):
+        return [f"a {type(t).__name__} tensor (compiled CPU kernels take plain tensors with data)"]
+    if t.dtype != torch.float32:
+        return [f"{str(t.dtype).replace('torch.', '')} inputs (the cpu kernels take float32)"]
+    return []
+
+
+def supports(*tensors) -> List[str]:
+    """Why the compiled CPU kernels cannot take these inputs (empty when they can)."""
+    tracing = _tracing()
+    if tracing:
+        return [tracing]
+    reasons: List[str] = []
+    for t in tensors:
+        if t is None:
+            continue
+        for reason in _tensor_reasons(t):
+            if reason not in reasons:
+                reasons.append(reason)
+    return reasons
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _forward(h, taps, C=None, u=None, D=None) -> torch.Tensor:
+    library, why = _library()
+    if library is None:
+        raise RuntimeError(f"the cpu backend is unavailable: {why}")
+    out = torch.empty_like(h)
+    batch, channels, height, width = h.shape
+    library.sm_fusion_forward(
+        _ptr(h), _ptr(taps), _ptr(C), _ptr(u), _ptr(D), _ptr(out), batch, channels, height, width,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _backward(h, taps, C, u, D, dy, need: Tuple[bool, ...]):
+    """(dh, dtaps, dC, du, dD), None where ``need`` is False (the last three only with C)."""
+    library, _ = _library()
+    dy = dy.to(torch.float32).contiguous()
+    shapes = (h, taps, C, h, D)
+    grads = [torch.empty_like(t) if wanted else None for t, wanted in zip(shapes, need)]
+    batch, channels, height, width = h.shape
+    library.sm_fusion_backward(
+        _ptr(h), _ptr(taps), _ptr(C), _ptr(u), _ptr(D), _ptr(dy), *(_ptr(g) for g in grads),
+        batch, channels, height, width, torch.get_num_threads(),
+    )  # fmt: skip
+    return tuple(grads)
+
+
+class _StateFusionCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, taps):
+        ctx.save_for_backward(h, taps)
+        return _forward(h, taps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        h, taps = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:2]) + (False,) * 3
+        return _backward(h, taps, None, None, None, dy, need)[:2]
+
+
+class _FusedObservationCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, taps, C, u, D):
+        ctx.save_for_backward(h, taps, C, u, D)
+        return _forward(h, taps, C, u, D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        return _backward(*ctx.saved_tensors, dy, tuple(ctx.needs_input_grad[:5]))
+
+
+def _check(op: str, h, taps, *rest):
+    if h.dim() != 4 or taps.shape != (h.shape[1], N_TAPS):
+        raise ValueError(
+            f"{op}: h must be (batch, channels, height, width) and taps (channels, {N_TAPS}); "
+            f"got {tuple(h.shape)} and {tuple(taps.shape)}"
+        )
+    reasons = supports(h, taps, *rest)
+    if reasons:
+        raise ValueError(f"{op}: the cpu kernels cannot take {'; '.join(reasons)}")
+
+
+def state_fusion_cpu(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """The 25-tap state fusion on the compiled CPU kernels (backend implementation signature of ``state_fusion``)."""
+    _check("state_fusion", h, taps)
+    return _StateFusionCPU.apply(h.contiguous(), taps.contiguous())
+
+
+def fused_observation_cpu(h, taps, C, u, D) -> torch.Tensor:
+    """y = fusion(h)·C + D·u on the compiled CPU kernels (backend implementation signature of ``fused_observation``)."""
+    _check("fused_observation", h, taps, C, u, D)
+    batch, channels, height, width = h.shape
+    if C.shape != (batch, height, width) or u.shape != h.shape or D.shape != (channels,):
+        raise ValueError(
+            f"fused_observation: C must be {(batch, height, width)}, u {tuple(h.shape)} and D ({channels},); "
+            f"got {tuple(C.shape)}, {tuple(u.shape)} and {tuple(D.shape)}"
+        )
+    return _FusedObservationCPU.apply(h.contiguous(), taps.contiguous(), C.contiguous(), u.contiguous(), D.contiguous())
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, delta_bias, delta_softplus):
+        library, why = _library()
+        if library is None:
+            raise RuntimeError(f"the cpu backend is unavailable: {why}")
+        batch, channels, length = u.shape
+        hs = u.new_empty((batch, channels, 1, length))
+        dt = torch.empty_like(u)
+        library.sm_scan_forward(
+            _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(delta_bias), int(bool(delta_softplus)), _ptr(hs), _ptr(dt),
+            batch, channels, length, torch.get_num_threads(),
+        )  # fmt: skip
+        ctx.delta_softplus = delta_softplus
+        ctx.save_for_backward(u, delta, A, B, delta_bias, hs, dt)
+        return hs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dhs):
+        u, delta, A, B, delta_bias, hs, dt = ctx.saved_tensors
+        library, _ = _library()
+        need_u, need_delta, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
+        du = torch.empty_like(u) if need_u else None
+        # d delta is computed on the way to d bias.
+        ddelta = torch.empty_like(delta) if need_delta or need_bias else None
+        dA = torch.empty_like(A) if need_A else None
+        dB = torch.empty_like(B) if need_B else None
+        dbias = torch.empty_like(delta_bias) if need_bias else None
+        dhs = dhs.to(torch.float32).contiguous()
+        batch, channels, length = u.shape
+        library.sm_scan_backward(
+            _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(delta_bias), int(bool(ctx.delta_softplus)), _ptr(hs),
+            _ptr(dt), _ptr(dhs), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dB), _ptr(dbias), batch, channels, length,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return du, ddelta if need_delta else None, dA, dB, dbias, None
+
+
+def supports_selective_scan(u=None, delta=None, A=None, B=None, delta_bias=None, *rest) -> List[str]:
+    """Why the CPU scan cannot take these inputs: those of ``supports``, or d_state N > 1."""
+    reasons = supports(u, delta, A, B, delta_bias)
+    if isinstance(A, torch.Tensor) and (A.dim() != 2 or A.shape[1] != 1):
+        reasons.append(f"d_state N = {A.shape[-1]} (the cpu kernels handle N = 1 only)")
+    return reasons
+
+
+def selective_scan_cpu(u, delta, A, B, delta_bias, delta_softplus) -> torch.Tensor:
+    """The selective scan's forward on the compiled CPU kernels (backend implementation signature of
+    ``selective_scan``): hs (Bt, Dn, 1, L) float32; d_state N = 1, float32 inputs."""
+    reasons = supports_selective_scan(u, delta, A, B, delta_bias)
+    if reasons:
+        raise ValueError(f"selective_scan: the cpu kernels cannot take {'; '.join(reasons)}")
+    B = B.squeeze(1) if B.dim() == 4 else B
+    args = [t if t is None else t.contiguous() for t in (u, delta, A, B, delta_bias)]
+    return _SelectiveScanCPU.apply(*args, delta_softplus)
+
+
+backend.register("state_fusion", "cpu", state_fusion_cpu, available, supports=supports)
+backend.register("selective_scan", "cpu", selective_scan_cpu, available, supports=supports_selective_scan)
+backend.register("fused_observation", "cpu", fused_observation_cpu, available, supports=supports)
