@@ -72,7 +72,7 @@ def bench_observation(run: Run):
             },
             "backends": {},
         }
-    for name in backend.BACKENDS:
+    for name in backend.CUDA_ORDER:
         fusion, why_fusion = backend_impl("state_fusion", name, h, taps)
         fused, why_fused = backend_impl("fused_observation", name, h, taps, C, u, D)
         ways = {

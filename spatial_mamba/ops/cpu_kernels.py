@@ -1,5 +1,5 @@
 """The ``cpu`` backend: compiled CPU kernels of ``state_fusion``, ``fused_observation`` and ``selective_scan``
-(d_state N = 1), forward and backward, in ``kernels/cpu/``.
+(d_state N = 1), forward and backward, in ``spatial_mamba/ops/csrc/``.
 
 The kernels are plain C++ over raw float pointers (no torch headers), compiled with g++ on first use
 (``-O3 -march=native -fopenmp``) into a cache directory, ``$SPATIAL_MAMBA_CACHE`` or
@@ -44,7 +44,7 @@ __all__ = [
     "supports_selective_scan",
 ]
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels" / "cpu"
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"  # package data: installed wheels carry it
 SOURCES = (SOURCE_DIR / "state_fusion.cpp", SOURCE_DIR / "selective_scan.cpp")
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 CACHE_ENV = "SPATIAL_MAMBA_CACHE"
@@ -90,7 +90,7 @@ def _build(cxx: str, directory: Path) -> Tuple[Path | None, str]:
     """(path of the compiled library, why); the path is None when it cannot be built."""
     missing = [str(path) for path in SOURCES if not path.is_file()]
     if missing:
-        return None, f"the kernel sources {', '.join(missing)} are missing (they ship with the source tree only)"
+        return None, f"the kernel sources {', '.join(missing)} are missing (the package is incomplete)"
     if shutil.which(cxx) is None:
         return None, f"the C++ compiler {cxx!r} was not found (set {CXX_ENV} or install g++)"
     try:

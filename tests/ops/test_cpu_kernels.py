@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (kernels/cpu/, spatial_mamba/ops/cpu_kernels.py): the paths of their own against the
+"""The compiled CPU kernels (spatial_mamba/ops/csrc/, cpu_kernels.py beside it): the paths of their own against the
 float64 definitions of tests/kernels/parity.py, gradients asked for one at a time, results that do not depend on the
 number of threads, the compile-and-cache path, and how the dispatcher falls back when the kernels cannot run.
 
