@@ -281,3 +281,36 @@ def test_cpu_scan_results_do_not_depend_on_the_thread_count():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@needs_kernels
+def test_a_float32_model_trains_the_same_on_the_cpu_kernels_as_on_the_reference():
+    # The whole model, forward and backward, through the three cpu ops against the same model on the reference.
+    from spatial_mamba.models.spatial_mamba import SpatialMamba
+    from spatial_mamba.models.ssm import StateFusion
+
+    torch.manual_seed(0)
+    model = SpatialMamba(dims=16, depths=(1, 1, 1, 1), num_classes=7, drop_path_rate=0.0).train()
+    with torch.no_grad():  # random fusion weights, so that every tap and border row matters
+        for module in model.modules():
+            if isinstance(module, StateFusion):
+                for p in (module.kernel_3, module.kernel_3_1, module.kernel_3_2, module.alpha):
+                    p.copy_(torch.randn_like(p))
+    x = torch.randn(2, 3, 44, 36)
+
+    def run(name):
+        model.zero_grad(set_to_none=True)
+        with backend.force(name, "selective_scan"), backend.force(name, "fused_observation"):
+            out = model(x)
+            out.pow(2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out, grads = run("cpu")
+    out_ref, grads_ref = run("reference")
+    assert not torch.equal(out, out_ref)  # two implementations really ran
+    parity.assert_close(out, out_ref.double(), 1e-4, 1e-5, "logits")
+    assert grads.keys() == grads_ref.keys() and any("kernel_3_2" in name for name in grads)
+    # atol from the largest gradient of all: a convolution's bias before a BatchNorm has a gradient of rounding size.
+    scale = max(g.abs().max().item() for g in grads_ref.values())
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5 * scale, msg=name)
