@@ -172,12 +172,19 @@ class StructureAwareSSM(nn.Module):
         length, d_inner, d_state = height * width, self.d_inner, self.d_state
         x, z = xz.chunk(2, dim=-1)
 
-        x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
-        u = x.reshape(batch, d_inner, length)  # row-major flatten: the raster scan order t = row * w + col
+        x = x.permute(0, 3, 1, 2)
+        if x.device.type == "cpu":
+            # oneDNN's depthwise convolution is about 2.5x faster on the channels-last view than on a (B, D, h, w)
+            # copy; the copy into the scan's layout then follows the convolution.
+            x = self.act(self.conv2d(x)).contiguous()
+        else:
+            x = self.act(self.conv2d(x.contiguous()))
+        u = x.view(batch, d_inner, length)  # row-major flatten: the raster scan order t = row * w + col
 
-        x_dbl = torch.einsum("bdl,cd->bcl", u, self.x_proj_weight.to(u.dtype))
+        # (R + 2N, D) @ (B, D, L) and (D, R) @ (B, R, L): batched matmuls that read u and dts in place.
+        x_dbl = torch.matmul(self.x_proj_weight.to(u.dtype), u)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, d_state, d_state], dim=1)
-        dts = torch.einsum("brl,dr->bdl", dts, self.dt_projs_weight.to(dts.dtype))
+        dts = torch.matmul(self.dt_projs_weight.to(dts.dtype), dts)
 
         A = -torch.exp(_at_least_fp32(self.A_logs))
         hs = selective_scan_fn(
