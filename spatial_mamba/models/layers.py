@@ -55,7 +55,10 @@ class Stem(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
+        # Channels-last convolutions, so that the tokens come out as a contiguous (B, h, w, C) tensor: from a
+        # (B, C, h, w) one they would be a permuted view, and every later op would keep that layout (on the CPU the
+        # whole model then runs about 20% slower).
+        x = self.conv1(x.contiguous(memory_format=torch.channels_last))
         x = self.conv2(x) + x  # residual pair, no activation after the add
         x = self.conv3(x)
         return x.permute(0, 2, 3, 1)
