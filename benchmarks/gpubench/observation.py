@@ -33,10 +33,11 @@ DEFINITION = (
 
 def observation_bytes(batch: int, channels: int, pixels: int, fused: bool, backward: bool) -> int:
     """The bytes a float32 pass must move, counting every full (B, D, H, W) tensor read or written once (C, taps and
-    D are negligible). Forward: unfused reads h, writes the fused states, reads them and u, writes y (5 tensors);
-    fused reads h and u and writes y (3). Backward: unfused reads dy for dF = dy·C, du = dy·D and dC = Σ dy·F, reads
-    the saved F and u, writes dF and du, then the fusion's backward reads h and dF and writes dh (11); fused reads h,
-    u and dy, writes dh and du (5)."""
+    D are negligible). Forward: unfused reads h, writes the fused states F, reads them and u, writes y (5 tensors);
+    fused reads h and u and writes y (3). Backward, unfused: dF = dy·C (read dy, write dF), du = dy·D (read dy, write
+    du), dC = Σ_c dy·F (read dy and the saved F), dD = Σ dy·u (read dy and u), then the fusion's backward (read h and
+    dF, write dh): 11, counting the two reductions without temporaries (eager PyTorch also writes and reads their
+    products: about 15, kernels/README.md). Fused: read h, u and dy, write dh and du (5)."""
     tensors = (5 if backward else 3) if fused else (11 if backward else 5)
     return tensors * 4 * batch * channels * pixels
 
