@@ -165,6 +165,30 @@ class StructureAwareSSM(nn.Module):
             out = self.dropout(out)
         return out
 
+    def _scan_inputs(self, x: torch.Tensor):
+        """The scan's inputs from the in_proj half x (B, h, w, D): u and Δ (B, D, L) contiguous (the layout of the GPU
+        kernels), B and C (B, N, L). The depthwise convolution runs on a contiguous (B, D, h, w) copy of x."""
+        batch, height, width, d_inner = x.shape
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
+        u = x.view(batch, d_inner, height * width)  # row-major flatten: the raster scan order t = row * w + col
+        # (R + 2N, D) @ (B, D, L) and (D, R) @ (B, R, L): batched matmuls that read u and dts in place.
+        x_dbl = torch.matmul(self.x_proj_weight.to(u.dtype), u)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dts = torch.matmul(self.dt_projs_weight.to(dts.dtype), dts)
+        return u, dts, Bs, Cs
+
+    def _scan_inputs_token_major(self, x: torch.Tensor):
+        """``_scan_inputs`` for the CPU, where the compiled kernels take the blocks' token layout: u and Δ (B, D, L)
+        are views of (B, L, D) memory, and nothing is transposed on either side of the scan and the fusion (oneDNN's
+        depthwise convolution is also fastest on the channels-last view, and keeps it)."""
+        batch, height, width, d_inner = x.shape
+        x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))
+        tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, d_inner)  # raster order t = row * w + col
+        x_dbl = F.linear(tokens, self.x_proj_weight.to(tokens.dtype))  # (B, L, R + 2N)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dts = F.linear(dts, self.dt_projs_weight.to(dts.dtype))  # (B, L, D)
+        return tokens.transpose(1, 2), dts.transpose(1, 2), Bs.transpose(1, 2), Cs.transpose(1, 2)
+
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h, w, C) -> (B, h, w, C): in_proj, the scan and the fusion, the gated observation, out_proj."""
         xz = self.in_proj(x)
@@ -172,24 +196,15 @@ class StructureAwareSSM(nn.Module):
         length, d_inner, d_state = height * width, self.d_inner, self.d_state
         x, z = xz.chunk(2, dim=-1)
 
-        x = x.permute(0, 3, 1, 2)
         if x.device.type == "cpu":
-            # oneDNN's depthwise convolution is about 2.5x faster on the channels-last view than on a (B, D, h, w)
-            # copy; the copy into the scan's layout then follows the convolution.
-            x = self.act(self.conv2d(x)).contiguous()
+            u, dts, Bs, Cs = self._scan_inputs_token_major(x)
         else:
-            x = self.act(self.conv2d(x.contiguous()))
-        u = x.view(batch, d_inner, length)  # row-major flatten: the raster scan order t = row * w + col
-
-        # (R + 2N, D) @ (B, D, L) and (D, R) @ (B, R, L): batched matmuls that read u and dts in place.
-        x_dbl = torch.matmul(self.x_proj_weight.to(u.dtype), u)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, d_state, d_state], dim=1)
-        dts = torch.matmul(self.dt_projs_weight.to(dts.dtype), dts)
+            u, dts, Bs, Cs = self._scan_inputs(x)
 
         A = -torch.exp(_at_least_fp32(self.A_logs))
         hs = selective_scan_fn(
             u,
-            dts.to(u.dtype).contiguous(),
+            dts.to(u.dtype),
             A,
             Bs.to(u.dtype).contiguous(),
             delta_bias=_at_least_fp32(self.dt_projs_bias),
@@ -200,11 +215,13 @@ class StructureAwareSSM(nn.Module):
         if d_state == 1 and self.state_fusion.fuses_observation():
             # One op: a kernel backend reads the states and u once and never writes the fused states.
             plane = (batch, d_inner, height, width)
-            y = self.state_fusion.observe(hs.view(plane), Cs.reshape(batch, height, width), u.view(plane), self.Ds)
-            y = y.view(batch, d_inner, length)
+            y = self.state_fusion.observe(
+                hs.reshape(plane), Cs.reshape(batch, height, width), u.reshape(plane), self.Ds
+            )
+            y = y.reshape(batch, d_inner, length)
         else:
-            hf = self.state_fusion(hs.view(batch, d_inner * d_state, height, width))
-            hf = hf.view(batch, d_inner, d_state, length)
+            hf = self.state_fusion(hs.reshape(batch, d_inner * d_state, height, width))
+            hf = hf.reshape(batch, d_inner, d_state, length)
             if d_state == 1:
                 y = hf[:, :, 0] * Cs + u * self.Ds[:, None]
             else:

@@ -23,6 +23,10 @@ Forcing a backend, for tests and benchmarks: ``with backend.force("triton"): ...
 environment variable ``SPATIAL_MAMBA_BACKEND=cuda|triton|cpu|reference`` for a whole process; the context manager
 wins. ``SPATIAL_MAMBA_BACKEND=reference`` runs everything on the pure-PyTorch reference. A forced backend that cannot
 run raises an error that says why. The backend each op runs on is logged once per process.
+
+Layouts: the ops take (B, C, ...) tensors either contiguous or *token-major* (a view of (B, ..., C) memory, the layout
+of the blocks' tokens; ``token_major``). The entry points keep a token-major input in that layout (``as_layout``) and
+make anything else contiguous; the ``cpu`` kernels run both layouts, the others make their inputs contiguous.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ __all__ = [
     "register",
     "registered",
     "select",
+    "as_layout",
+    "token_major",
 ]
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
@@ -61,6 +67,17 @@ ENV_VAR = "SPATIAL_MAMBA_BACKEND"
 logger = logging.getLogger("spatial_mamba")
 
 Supports = Callable[..., Sequence[str]]
+
+
+def token_major(t: torch.Tensor) -> bool:
+    """Whether ``t`` (B, C, ...) holds its channels innermost, as a view of (B, ..., C) memory. With one channel or a
+    plane of one pixel both layouts are the same memory; such a tensor counts as contiguous."""
+    return t.dim() > 2 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous()
+
+
+def as_layout(t: torch.Tensor, tokens: bool) -> torch.Tensor:
+    """``t`` (B, C, ...) token-major (``tokens``) or contiguous; ``t`` itself when it already is."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if tokens else t.contiguous()
 
 
 def _always() -> Tuple[bool, str]:

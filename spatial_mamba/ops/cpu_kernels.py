@@ -8,6 +8,10 @@ CPU's flags; the library is written to a temporary name and renamed, so concurre
 It is loaded with ctypes and called from torch.autograd.Functions with the tensors' data pointers, on
 ``torch.get_num_threads()`` OpenMP threads. ``$SPATIAL_MAMBA_CXX`` names another compiler.
 
+Every kernel has two layouts: the states (and u, Δ and their gradients) contiguous, (B, C, ...), or token-major, views
+of (B, ..., C) memory (``backend.token_major``), which is how the model's blocks hold their tokens on the CPU; the
+inputs' layout picks the kernel and the outputs come back in it.
+
 ``available()`` is (False, reason) when the compiler is missing or the compile fails; the dispatcher then warns once
 and runs the reference. ``supports(*inputs)`` declines what the kernels cannot take, silently: anything but
 contiguous-able float32 CPU tensors, and every tracer (torch.compile and torch.export, TorchScript and ONNX tracing,
@@ -135,6 +139,10 @@ def _bind(library: ctypes.CDLL) -> str:
     library.sm_scan_forward.restype = None
     library.sm_scan_backward.argtypes = [_P] * 5 + [ctypes.c_int] + [_P] * 8 + [_I64] * 3 + [ctypes.c_int]
     library.sm_scan_backward.restype = None
+    for name in ("sm_fusion_forward", "sm_fusion_backward", "sm_scan_forward", "sm_scan_backward"):
+        # The token-major kernels take the same arguments.
+        tokens = getattr(library, name + "_tokens")
+        tokens.argtypes, tokens.restype = getattr(library, name).argtypes, None
     dy, dx = (ctypes.c_int * N_TAPS)(), (ctypes.c_int * N_TAPS)()
     count = library.sm_fusion_offsets(dy, dx)
     if count != N_TAPS or tuple(zip(dy, dx)) != FUSION_OFFSETS:
@@ -212,13 +220,18 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+def _kernel(library: ctypes.CDLL, name: str, tokens: bool):
+    return getattr(library, name + ("_tokens" if tokens else ""))
+
+
 def _forward(h, taps, C=None, u=None, D=None) -> torch.Tensor:
+    """F(h), or F(h)·C + D·u, in h's layout (token-major or contiguous; u in the same)."""
     library, why = _library()
     if library is None:
         raise RuntimeError(f"the cpu backend is unavailable: {why}")
-    out = torch.empty_like(h)
+    out = torch.empty_like(h)  # same strides as h
     batch, channels, height, width = h.shape
-    library.sm_fusion_forward(
+    _kernel(library, "sm_fusion_forward", backend.token_major(h))(
         _ptr(h), _ptr(taps), _ptr(C), _ptr(u), _ptr(D), _ptr(out), batch, channels, height, width,
         torch.get_num_threads(),
     )  # fmt: skip
@@ -228,11 +241,12 @@ def _forward(h, taps, C=None, u=None, D=None) -> torch.Tensor:
 def _backward(h, taps, C, u, D, dy, need: Tuple[bool, ...]):
     """(dh, dtaps, dC, du, dD), None where ``need`` is False (the last three only with C)."""
     library, _ = _library()
-    dy = dy.to(torch.float32).contiguous()
+    tokens = backend.token_major(h)
+    dy = backend.as_layout(dy.to(torch.float32), tokens)
     shapes = (h, taps, C, h, D)
     grads = [torch.empty_like(t) if wanted else None for t, wanted in zip(shapes, need)]
     batch, channels, height, width = h.shape
-    library.sm_fusion_backward(
+    _kernel(library, "sm_fusion_backward", tokens)(
         _ptr(h), _ptr(taps), _ptr(C), _ptr(u), _ptr(D), _ptr(dy), *(_ptr(g) for g in grads),
         batch, channels, height, width, torch.get_num_threads(),
     )  # fmt: skip
@@ -279,7 +293,7 @@ def _check(op: str, h, taps, *rest):
 def state_fusion_cpu(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """The 25-tap state fusion on the compiled CPU kernels (backend implementation signature of ``state_fusion``)."""
     _check("state_fusion", h, taps)
-    return _StateFusionCPU.apply(h.contiguous(), taps.contiguous())
+    return _StateFusionCPU.apply(backend.as_layout(h, backend.token_major(h)), taps.contiguous())
 
 
 def fused_observation_cpu(h, taps, C, u, D) -> torch.Tensor:
@@ -291,7 +305,9 @@ def fused_observation_cpu(h, taps, C, u, D) -> torch.Tensor:
             f"fused_observation: C must be {(batch, height, width)}, u {tuple(h.shape)} and D ({channels},); "
             f"got {tuple(C.shape)}, {tuple(u.shape)} and {tuple(D.shape)}"
         )
-    return _FusedObservationCPU.apply(h.contiguous(), taps.contiguous(), C.contiguous(), u.contiguous(), D.contiguous())
+    tokens = backend.token_major(h)
+    h, u = backend.as_layout(h, tokens), backend.as_layout(u, tokens)
+    return _FusedObservationCPU.apply(h, taps.contiguous(), C.contiguous(), u, D.contiguous())
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
@@ -301,9 +317,13 @@ class _SelectiveScanCPU(torch.autograd.Function):
         if library is None:
             raise RuntimeError(f"the cpu backend is unavailable: {why}")
         batch, channels, length = u.shape
-        hs = u.new_empty((batch, channels, 1, length))
-        dt = torch.empty_like(u)
-        library.sm_scan_forward(
+        tokens = backend.token_major(u)
+        if tokens:  # hs (B, D, 1, L) as a view of (B, L, D) memory, like u
+            hs = u.new_empty((batch, length, channels)).transpose(1, 2).unsqueeze(2)
+        else:
+            hs = u.new_empty((batch, channels, 1, length))
+        dt = torch.empty_like(u)  # same strides as u
+        _kernel(library, "sm_scan_forward", tokens)(
             _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(delta_bias), int(bool(delta_softplus)), _ptr(hs), _ptr(dt),
             batch, channels, length, torch.get_num_threads(),
         )  # fmt: skip
@@ -323,9 +343,10 @@ class _SelectiveScanCPU(torch.autograd.Function):
         dA = torch.empty_like(A) if need_A else None
         dB = torch.empty_like(B) if need_B else None
         dbias = torch.empty_like(delta_bias) if need_bias else None
-        dhs = dhs.to(torch.float32).contiguous()
+        tokens = backend.token_major(u)
+        dhs = backend.as_layout(dhs.to(torch.float32).squeeze(2), tokens)
         batch, channels, length = u.shape
-        library.sm_scan_backward(
+        _kernel(library, "sm_scan_backward", tokens)(
             _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(delta_bias), int(bool(ctx.delta_softplus)), _ptr(hs),
             _ptr(dt), _ptr(dhs), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dB), _ptr(dbias), batch, channels, length,
             torch.get_num_threads(),
@@ -348,8 +369,11 @@ def selective_scan_cpu(u, delta, A, B, delta_bias, delta_softplus) -> torch.Tens
     if reasons:
         raise ValueError(f"selective_scan: the cpu kernels cannot take {'; '.join(reasons)}")
     B = B.squeeze(1) if B.dim() == 4 else B
-    args = [t if t is None else t.contiguous() for t in (u, delta, A, B, delta_bias)]
-    return _SelectiveScanCPU.apply(*args, delta_softplus)
+    tokens = backend.token_major(u)
+    args = [t if t is None else t.contiguous() for t in (A, B, delta_bias)]
+    return _SelectiveScanCPU.apply(
+        backend.as_layout(u, tokens), backend.as_layout(delta, tokens), *args, delta_softplus
+    )
 
 
 backend.register("state_fusion", "cpu", state_fusion_cpu, available, supports=supports)

@@ -306,7 +306,8 @@ def selective_scan_fn(
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"selective_scan_fn: all inputs must be on one device; got {[str(t.device) for t in tensors]}")
 
-    u, delta, B = u.contiguous(), delta.contiguous(), B.contiguous()
+    tokens = backend.token_major(u)  # kept token-major for the cpu kernels (backend module docstring)
+    u, delta, B = backend.as_layout(u, tokens), backend.as_layout(delta, tokens), B.contiguous()
     # Export hook: torch.export / ONNX and TorchScript tracing need a graph with no Python loop over a length-dependent
     # chunk count and no data-dependent branch; the export formulation computes the same states (float32-accurate).
     if torch.compiler.is_exporting() or torch.jit.is_tracing():

@@ -184,7 +184,8 @@ def fused_observation(h, kernel_3, kernel_3_1, kernel_3_2, alpha, C, u, D) -> to
         raise ValueError(f"fused observation: D must be (channels={channels},); got {tuple(D.shape)}")
     taps = _fusion_taps_for(h, kernel_3, kernel_3_1, kernel_3_2, alpha)
     D = D.to(taps.dtype)
-    h, C, u = h.contiguous(), C.contiguous(), u.contiguous()
+    tokens = backend.token_major(h)
+    h, C, u = backend.as_layout(h, tokens), C.contiguous(), backend.as_layout(u, tokens)
     return backend.select("fused_observation", h, taps, C, u, D)(h, taps, C, u, D)
 
 
@@ -207,7 +208,7 @@ def state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, path: str = "auto")
     _check_states(h, channels)
     if path in ("auto", "taps"):
         taps = _fusion_taps_for(h, kernel_3, kernel_3_1, kernel_3_2, alpha)
-        h = h.contiguous()
+        h = backend.as_layout(h, backend.token_major(h))
         return backend.select("state_fusion", h, taps)(h, taps)
     if path == "branches":
         return _branches(h, (kernel_3, kernel_3_1, kernel_3_2), alpha)

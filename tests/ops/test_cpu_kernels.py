@@ -28,11 +28,32 @@ def public_observation(h, taps, C, u, D):
     return backend.select("fused_observation", h, taps, C, u, D)(h, taps, C, u, D)
 
 
+# The kernels run the (B, C, ...) states contiguous or token-major (views of (B, ..., C) memory, the layout the model
+# hands them on the CPU), each with kernels of its own.
+LAYOUTS = ["contiguous", "token_major"]
+
+
+def in_layout(op, layout, states):
+    """``op`` with its arguments at positions ``states`` handed over in ``layout``; asserts that the output comes back
+    in the layout the inputs ended up in (one channel or one pixel is both)."""
+
+    def run(*args, **kwargs):
+        args = list(args)
+        for i in states:
+            args[i] = backend.as_layout(args[i], layout == "token_major")
+        out = op(*args, **kwargs)
+        assert backend.token_major(out) == backend.token_major(args[states[0]])
+        return out
+
+    return run
+
+
 # (batch, C, H, W): planes smaller than the 5-pixel halo in one or both directions, one pixel, one row, one column;
-# widths on either side of the vector widths (8 up to width 8, else 16) and of the 26 = 16 + 10 of the adjoint's
-# padded rows; Spatial-Mamba-T's smallest planes; planes split into several row blocks (334 wide: 83 rows a block,
-# the last one ragged); 40 channels, three channel groups of the observation's dC; batch 2 everywhere the batch
-# matters (dtaps, dD and dC sum over it).
+# widths on either side of the vector widths (8 up to width 8, else 16 on AVX-512 CPUs) and of the 26 = 16 + 10 of
+# the adjoint's padded rows; Spatial-Mamba-T's smallest planes; planes split into several row blocks (334 wide: 83
+# rows a block, the last one ragged); 40 channels, three channel groups of the observation's dC and, token-major,
+# five vectors of 8 channels (three of 16, the last one partial); batch 2 everywhere the batch matters (dtaps, dD
+# and dC sum over it).
 CPU_FUSION_CASES = [
     (2, 3, 3, 4),
     (1, 2, 1, 1),
@@ -52,34 +73,37 @@ CPU_FUSION_CASES = [
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", CPU_FUSION_CASES, ids=str)
-def test_cpu_fusion_matches_the_float64_gather(shape):
+def test_cpu_fusion_matches_the_float64_gather(shape, layout):
     h, taps, dy = parity.fusion_inputs(*shape, torch.float32, seed=shape[-1])
     with backend.force("cpu"):
         assert backend.explain("state_fusion", h, taps).backend == "cpu"
-        out, dh, dtaps = parity.run_fusion(public_fusion, h, taps, dy)
+        out, dh, dtaps = parity.run_fusion(in_layout(public_fusion, layout, [0]), h, taps, dy)
     parity.check_fusion(out, dh, dtaps, h, taps, dy)
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", CPU_FUSION_CASES, ids=str)
-def test_cpu_fused_observation_matches_the_float64_gather(shape):
+def test_cpu_fused_observation_matches_the_float64_gather(shape, layout):
     inputs = parity.observation_inputs(*shape, torch.float32, seed=shape[-2])
     with backend.force("cpu"):
         assert backend.explain("fused_observation", *inputs[:5]).backend == "cpu"
-        y, grads = parity.run_observation(public_observation, *inputs)
+        y, grads = parity.run_observation(in_layout(public_observation, layout, [0, 3]), *inputs)
     parity.check_observation(y, grads, *inputs)
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (3,), (4,), (0, 2), (1, 4)], ids=str)
-def test_cpu_fused_observation_computes_the_gradients_asked_for(wanted):
+def test_cpu_fused_observation_computes_the_gradients_asked_for(wanted, layout):
     h, taps, C, u, D, dy = parity.observation_inputs(2, 3, 9, 11, torch.float32)
     exact = [t.double() for t in (h, taps, C, u, D)]
     _, expected = parity.run_observation(parity.gather_observation, *exact, dy.double())
     inputs = [t.clone().requires_grad_(i in wanted) for i, t in enumerate((h, taps, C, u, D))]
     with backend.force("cpu"):
-        public_observation(*inputs).backward(dy)
+        in_layout(public_observation, layout, [0, 3])(*inputs).backward(dy)
     for i, t in enumerate(inputs):
         if i not in wanted:
             assert t.grad is None
@@ -88,16 +112,18 @@ def test_cpu_fused_observation_computes_the_gradients_asked_for(wanted):
 
 
 @needs_kernels
-def test_cpu_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_results_do_not_depend_on_the_thread_count(layout):
     # The sums over batch, plane and channels are added in an order fixed by the shapes: bitwise equal results.
     inputs = parity.observation_inputs(3, 20, 30, 21, torch.float32)
+    observation = in_layout(public_observation, layout, [0, 3])
     results = []
     threads = torch.get_num_threads()
     try:
         for count in (1, 3, 7):
             torch.set_num_threads(count)
             with backend.force("cpu"):
-                y, grads = parity.run_observation(public_observation, *inputs)
+                y, grads = parity.run_observation(observation, *inputs)
             results.append((y, *grads))
     finally:
         torch.set_num_threads(threads)
@@ -209,14 +235,17 @@ def test_unavailable_kernels_warn_once_and_the_reference_runs(monkeypatch, tmp_p
 
 
 # (batch, D, L): 15 rows, one group of 8 rows run side by side and a ragged group of 7; one position; rows of 8k
-# rows only; lengths around the vector width of 16 and long rows.
-CPU_SCAN_CASES = [(3, 5, 33), (1, 16, 1), (2, 8, 515), (1, 9, 16), (1, 3, 17), (2, 4, 3000)]
+# rows only; lengths around the vector widths (8, 16 on AVX-512) and long rows.
+# Token-major, tasks are blocks of 32 channels (64 on AVX-512): 70 channels make three (two), the last partial,
+# whose dB partial sums add up.
+CPU_SCAN_CASES = [(3, 5, 33), (1, 16, 1), (2, 8, 515), (1, 9, 16), (1, 3, 17), (2, 4, 3000), (2, 70, 45)]
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("softplus", [True, False], ids=["softplus", "no_softplus"])
 @pytest.mark.parametrize("shape", CPU_SCAN_CASES, ids=str)
-def test_cpu_scan_matches_the_sequential_loop(shape, softplus):
+def test_cpu_scan_matches_the_sequential_loop(shape, softplus, layout):
     from spatial_mamba.ops import selective_scan_fn
 
     inputs, dhs = parity.scan_inputs(*shape, torch.float32, softplus, with_bias=softplus, seed=shape[-1])
@@ -226,7 +255,7 @@ def test_cpu_scan_matches_the_sequential_loop(shape, softplus):
 
     with backend.force("cpu"):
         assert backend.explain("selective_scan", *inputs.values()).backend == "cpu"
-        hs, grads = parity.run_scan(scan, inputs, softplus, dhs)
+        hs, grads = parity.run_scan(in_layout(scan, layout, [0, 1]), inputs, softplus, dhs)
     parity.check_scan(hs, grads, inputs, softplus, dhs)
 
 
@@ -241,8 +270,9 @@ def test_cpu_scan_declines_d_state_above_one_and_other_dtypes():
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("wanted", ["u", "delta", "A", "B", "delta_bias"])
-def test_cpu_scan_computes_the_gradients_asked_for(wanted):
+def test_cpu_scan_computes_the_gradients_asked_for(wanted, layout):
     from spatial_mamba.ops import selective_scan_fn
 
     inputs, dhs = parity.scan_inputs(2, 9, 40, torch.float32)
@@ -250,7 +280,8 @@ def test_cpu_scan_computes_the_gradients_asked_for(wanted):
     _, expected = parity.run_scan(parity.sequential_scan, exact, True, dhs.double())
     leaves = {k: v.clone().requires_grad_(k == wanted) for k, v in inputs.items()}
     with backend.force("cpu"):
-        hs = selective_scan_fn(
+        scan = in_layout(selective_scan_fn, layout, [0, 1])
+        hs = scan(
             leaves["u"], leaves["delta"], leaves["A"], leaves["B"], delta_bias=leaves["delta_bias"], delta_softplus=True
         )
     hs.backward(dhs)
@@ -261,13 +292,16 @@ def test_cpu_scan_computes_the_gradients_asked_for(wanted):
 
 
 @needs_kernels
-def test_cpu_scan_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_scan_results_do_not_depend_on_the_thread_count(layout):
     from spatial_mamba.ops import selective_scan_fn
 
-    def scan(u, delta, A, B, delta_bias, delta_softplus):
+    def plain(u, delta, A, B, delta_bias, delta_softplus):
         return selective_scan_fn(u, delta, A, B, delta_bias=delta_bias, delta_softplus=delta_softplus)
 
-    inputs, dhs = parity.scan_inputs(3, 21, 70, torch.float32)
+    scan = in_layout(plain, layout, [0, 1])
+
+    inputs, dhs = parity.scan_inputs(3, 70, 40, torch.float32)
     results = []
     threads = torch.get_num_threads()
     try:

@@ -10,12 +10,14 @@
 // Plain C++ over raw pointers (no torch headers), compiled with g++ -O3 -march=native -fopenmp with
 // state_fusion.cpp into one library (spatial_mamba/ops/cpu_kernels.py).
 //
-// A task is a group of kRows rows. First, along each row, in vectors of 16 positions: dt (written out),
+// A task is a group of kRows rows. First, along each row, in vectors of VW positions: dt (written out),
 // a_t - 1 = exp(dt_t A_d) - 1 into a scratch row, and b_t = dt_t B_t u_t into hs. Then the recurrence, sequential
 // along t, as x_t = x_{t-1} + ((a_t - 1) x_{t-1} + b_t) (see vexp_core), runs over the kRows rows at once, so that
 // their multiply-adds overlap.
 // exp and log1p are evaluated with polynomials in vector registers (libm's scalar calls would dominate the time).
 // The backward (sm_scan_backward) runs the adjoint recurrence backwards along the rows the same way.
+// sm_scan_forward_tokens and sm_scan_backward_tokens take the token-major layout (batch, length, channels) instead
+// (see "Token-major layout" below).
 
 #include <omp.h>
 
@@ -26,7 +28,15 @@
 
 namespace {
 
-constexpr int VW = 16;
+// Floats per vector: 16 where the CPU has 512-bit registers (AVX-512), else 8. Vectors wider than the registers are
+// split by the compiler, which lowers some of their operations (selects, conversions) to scalar code: with 16 floats
+// on an AVX2 CPU these kernels ran 3 to 5 times slower.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+constexpr int VW = kLanes;
 constexpr int kRows = 8;
 
 typedef float V __attribute__((vector_size(VW * sizeof(float))));
@@ -97,6 +107,19 @@ inline V load(const float* p) {
 }
 
 inline void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The first n <= VW floats at p (zeros in the other lanes), and their store.
+inline V load_n(const float* p, int64_t n) {
+  if (n == VW) return load(p);
+  V v = V{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+
+inline void store_n(float* p, V v, int64_t n) {
+  if (n == VW) return store(p, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+}
 
 // dt, a - 1 = exp(dt A) - 1 and b = dt B u of one row, positions [t, t + n) with n <= VW.
 inline void row_terms(const float* u, const float* delta, const float* Bt, float bias, float A, bool softplus, int64_t t,
@@ -288,6 +311,149 @@ void sm_scan_backward(const float* u, const float* delta, const float* A, const 
         std::memcpy(dst, dB_partial.data() + b * groups * length, length * sizeof(float));
         for (int64_t group = 1; group < groups; ++group) {
           const float* src = dB_partial.data() + (b * groups + group) * length;
+          for (int64_t t = 0; t < length; ++t) dst[t] += src[t];
+        }
+      }
+    }
+  }
+}
+
+// ---- Token-major layout ---------------------------------------------------------------------------------------------
+// The same scan with u, delta, hs, dt, dhs, du and d delta (batch, length, channels), channels innermost: the layout
+// of the blocks' (B, h, w, C) tokens, so that the mixer needs no transposed copy on either side of the scan. The
+// channels lie in the vector lanes: a task is a block of kBlockVecs * VW channels of one batch element, walked along
+// t, each step reading a contiguous run of each tensor. Only x_t depends on the step before; the exp and softplus of
+// successive steps overlap.
+
+constexpr int kBlockVecs = 4;
+constexpr int64_t kBlockChannels = kBlockVecs * VW;
+
+// Channels per vector of a block starting at channel c0: VW, or fewer in the last vector.
+inline int64_t lanes(int64_t channels, int64_t c0, int k) {
+  return std::max<int64_t>(0, std::min<int64_t>(VW, channels - c0 - k * VW));
+}
+
+void sm_scan_forward_tokens(const float* u, const float* delta, const float* A, const float* B, const float* bias,
+                            int softplus, float* hs, float* dt, int64_t batch, int64_t channels, int64_t length,
+                            int threads) {
+  const int64_t blocks = (channels + kBlockChannels - 1) / kBlockChannels, tasks = batch * blocks;
+  if (batch * channels == 0 || length == 0) return;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (tasks > 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / blocks, c0 = task % blocks * kBlockChannels;
+    int64_t n[kBlockVecs];
+    V vA[kBlockVecs], vbias[kBlockVecs], x[kBlockVecs];
+    for (int k = 0; k < kBlockVecs; ++k) {
+      n[k] = lanes(channels, c0, k);
+      vA[k] = load_n(A + c0 + k * VW, n[k]);
+      vbias[k] = bias ? load_n(bias + c0 + k * VW, n[k]) : V{};
+      x[k] = V{};
+    }
+    for (int64_t t = 0; t < length; ++t) {
+      const int64_t base = (b * length + t) * channels + c0;
+      const float Bt = B[b * length + t];
+#pragma GCC unroll 4
+      for (int k = 0; k < kBlockVecs; ++k) {
+        if (n[k] == 0) break;
+        const int64_t p = base + k * VW;
+        V vdt = load_n(delta + p, n[k]) + vbias[k];
+        if (softplus) vdt = vsoftplus(vdt);
+        // x_t = x_{t-1} + ((a_t - 1) x_{t-1} + b_t), as in sm_scan_forward.
+        x[k] = x[k] + (vexpm1(vdt * vA[k]) * x[k] + vdt * Bt * load_n(u + p, n[k]));
+        store_n(hs + p, x[k], n[k]);
+        store_n(dt + p, vdt, n[k]);
+      }
+    }
+  }
+}
+
+// Gradients of sm_scan_forward_tokens, as sm_scan_backward's: the adjoint recurrence runs backwards along t with the
+// gradients of each step computed in the same pass. dB's sum over channels is a per-task partial (summed over the
+// task's lanes), added over the tasks of a batch element in a fixed order; dA and d bias as in sm_scan_backward.
+void sm_scan_backward_tokens(const float* u, const float* delta, const float* A, const float* B, const float* bias,
+                             int softplus, const float* hs, const float* dt, const float* dhs, float* du,
+                             float* ddelta, float* dA, float* dB, float* dbias, int64_t batch, int64_t channels,
+                             int64_t length, int threads) {
+  const int64_t blocks = (channels + kBlockChannels - 1) / kBlockChannels, tasks = batch * blocks;
+  if (batch * channels == 0 || length == 0) {
+    if (dA) std::memset(dA, 0, channels * sizeof(float));
+    if (dbias) std::memset(dbias, 0, channels * sizeof(float));
+    if (dB) std::memset(dB, 0, batch * length * sizeof(float));
+    return;
+  }
+  std::vector<double> row_sums(batch * channels * 2, 0.0);  // per (b, channel): dA, d bias
+  std::vector<float> dB_partial(dB ? tasks * length : 0, 0.0f);
+#pragma omp parallel num_threads(threads) if (tasks > 1)
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / blocks, c0 = task % blocks * kBlockChannels;
+      int64_t n[kBlockVecs];
+      V vA[kBlockVecs], vbias[kBlockVecs], g[kBlockVecs], em1_next[kBlockVecs], sum_dA[kBlockVecs],
+          sum_dbias[kBlockVecs];
+      for (int k = 0; k < kBlockVecs; ++k) {
+        n[k] = lanes(channels, c0, k);
+        vA[k] = load_n(A + c0 + k * VW, n[k]);
+        vbias[k] = bias ? load_n(bias + c0 + k * VW, n[k]) : V{};
+        g[k] = em1_next[k] = sum_dA[k] = sum_dbias[k] = V{};
+      }
+      for (int64_t t = length - 1; t >= 0; --t) {
+        const int64_t base = (b * length + t) * channels + c0;
+        const float Bt = B[b * length + t];
+        V acc_dB = V{};
+#pragma GCC unroll 4
+        for (int k = 0; k < kBlockVecs; ++k) {
+          if (n[k] == 0) break;
+          const int64_t p = base + k * VW;
+          // g_t = g_{t+1} + ((a_{t+1} - 1) g_{t+1} + dhs_t).
+          g[k] = g[k] + (em1_next[k] * g[k] + load_n(dhs + p, n[k]));
+          const V vdt = load_n(dt + p, n[k]), vu = load_n(u + p, n[k]);
+          const V prev = t > 0 ? load_n(hs + p - channels, n[k]) : V{};
+          em1_next[k] = vexpm1(vdt * vA[k]);
+          // a_t itself, not 1 + (a_t - 1), which loses a_t's digits where it is far below 1.
+          const V q = vexp(vdt * vA[k]) * g[k] * prev;
+          V ddt = g[k] * Bt * vu + q * vA[k];
+          sum_dA[k] += q * vdt;
+          if (softplus) {
+            const V v = load_n(delta + p, n[k]) + vbias[k];
+            const V sig = 1.0f / (vexp(-v) + 1.0f);
+            ddt = v > 20.0f ? ddt : ddt * sig;
+          }
+          sum_dbias[k] += ddt;  // lanes past the last channel hold zeros
+          if (du) store_n(du + p, g[k] * vdt * Bt, n[k]);
+          if (ddelta) store_n(ddelta + p, ddt, n[k]);
+          acc_dB += g[k] * vdt * vu;
+        }
+        if (dB) {
+          float total = 0.0f;
+          for (int j = 0; j < VW; ++j) total += acc_dB[j];
+          dB_partial[task * length + t] = total;
+        }
+      }
+      for (int k = 0; k < kBlockVecs; ++k) {
+        for (int64_t j = 0; j < n[k]; ++j) {
+          const int64_t row = b * channels + c0 + k * VW + j;
+          row_sums[row * 2] = sum_dA[k][j], row_sums[row * 2 + 1] = sum_dbias[k][j];
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t d = 0; d < channels; ++d) {
+      double total_dA = 0.0, total_dbias = 0.0;
+      for (int64_t b = 0; b < batch; ++b) {
+        total_dA += row_sums[(b * channels + d) * 2];
+        total_dbias += row_sums[(b * channels + d) * 2 + 1];
+      }
+      if (dA) dA[d] = static_cast<float>(total_dA);
+      if (dbias) dbias[d] = static_cast<float>(total_dbias);
+    }
+    if (dB) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch; ++b) {
+        float* dst = dB + b * length;
+        std::memcpy(dst, dB_partial.data() + b * blocks * length, length * sizeof(float));
+        for (int64_t block = 1; block < blocks; ++block) {
+          const float* src = dB_partial.data() + (b * blocks + block) * length;
           for (int64_t t = 0; t < length; ++t) dst[t] += src[t];
         }
       }

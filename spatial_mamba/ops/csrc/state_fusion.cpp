@@ -8,7 +8,10 @@
 // Plain C++ over raw pointers (no torch headers): spatial_mamba/ops/cpu_kernels.py compiles this file with
 // g++ -O3 -march=native -fopenmp, loads it with ctypes and passes the tensors' data pointers.
 //
-// Layout of the work: a task is a block of rows of one plane (forward) or of the planes of a group of channels of one
+// Two layouts: the planes (B, C, H, W) contiguous (sm_fusion_forward, sm_fusion_backward), or token-major
+// (B, H, W, C), channels innermost (the *_tokens entry points; see "Token-major layout" below).
+//
+// The work on contiguous planes: a task is a block of rows of one plane (forward) or of the planes of a group of channels of one
 // batch element (backward). A task copies the rows it reads, with their halo, into a thread-local buffer of
 // `stride` floats per row: replicate-padded h for the forward, zero-padded dF for the adjoint. Every pixel is then an
 // interior pixel of the buffer: the 25 taps are summed over VW consecutive pixels in vector registers with no clamp,
@@ -30,6 +33,15 @@
 #include <vector>
 
 namespace {
+
+// Floats per vector: 16 where the CPU has 512-bit registers (AVX-512), else 8. Vectors wider than the registers are
+// split by the compiler, which lowers some of their operations (selects, conversions) to scalar code: with 16 floats
+// on an AVX2 CPU these kernels ran 3 to 5 times slower.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
 
 constexpr int kTaps = 25;
 constexpr int kHalo = 5;
@@ -401,6 +413,256 @@ void backward(const Inputs& in, const Grads& out, int threads) {
   }
 }
 
+// ---- Token-major layout ---------------------------------------------------------------------------------------------
+// h, u, out, dy, dh and du (batch, height, width, channels), channels innermost: the layout of the blocks' tokens, so
+// that the mixer needs no transposed copy on either side of the fusion. The channels lie in the vector lanes: an output
+// pixel's 25 source pixels are clamped once and each is a contiguous run of `channels` floats, so the replicate border
+// costs nothing. A task is a row (forward) or a block of kTokenRows rows (backward) of one batch element.
+
+constexpr int TVW = kLanes;
+typedef Vec<TVW>::type TV;
+constexpr int64_t kTokenRows = 4;
+
+// The first n <= TVW floats at p (zeros in the other lanes), and their store.
+inline TV load_n(const float* p, int64_t n) {
+  if (n == TVW) return load<TVW>(p);
+  TV v = TV{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+
+inline void store_n(float* p, TV v, int64_t n) {
+  if (n == TVW) return store<TVW>(p, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+}
+
+// Per-channel vectors padded with zeros to a whole number of TVW lanes: taps as taps_t[k * padded + c], and D.
+struct ChannelVectors {
+  int64_t padded;
+  std::vector<float> taps_t, skip;
+  ChannelVectors(const Inputs& in) : padded(round_up(in.channels, TVW)) {
+    taps_t.assign(kTaps * padded, 0.0f);
+    skip.assign(padded, 0.0f);
+    for (int64_t c = 0; c < in.channels; ++c) {
+      for (int k = 0; k < kTaps; ++k) taps_t[k * padded + c] = in.taps[c * kTaps + k];
+      if (in.skip) skip[c] = in.skip[c];
+    }
+  }
+};
+
+// The 25 source pixels of each pixel of rows y0 .. y1 - 1 of a height x width image, as float offsets into the image
+// (pixel index * channels): src[((y - y0) * width + x) * kTaps + k].
+void token_sources(int64_t height, int64_t width, int64_t channels, int64_t y0, int64_t y1, std::vector<int64_t>& src) {
+  src.resize((y1 - y0) * width * kTaps);
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t x = 0; x < width; ++x) {
+      int64_t* dst = &src[((y - y0) * width + x) * kTaps];
+      for (int k = 0; k < kTaps; ++k) {
+        dst[k] = (clamp(y + kDy[k], 0, height - 1) * width + clamp(x + kDx[k], 0, width - 1)) * channels;
+      }
+    }
+  }
+}
+
+// The taps of channels c .. c + TVW - 1, one vector per tap: loaded once for all the pixels of a task (the loops run
+// over channel vectors outside and pixels inside, so that the taps stay in L1 whatever the number of channels).
+struct TapVectors {
+  TV t[kTaps];
+  TapVectors(const ChannelVectors& cv, int64_t c) {
+    for (int k = 0; k < kTaps; ++k) t[k] = load<TVW>(&cv.taps_t[k * cv.padded + c]);
+  }
+  // F at one pixel, channels c .. c + n - 1, from its sources' offsets.
+  inline TV fuse(const float* h, const int64_t* src, int64_t c, int64_t n) const {
+    TV acc = TV{};
+#pragma GCC unroll 25
+    for (int k = 0; k < kTaps; ++k) acc += t[k] * load_n(h + src[k] + c, n);
+    return acc;
+  }
+};
+
+void forward_tokens(const Inputs& in, float* out, int threads) {
+  const ChannelVectors cv(in);
+  const int64_t channels = in.channels, image = in.height * in.width, tasks = in.batch * in.height;
+#pragma omp parallel num_threads(threads) if (tasks > 1)
+  {
+    std::vector<int64_t> src;
+#pragma omp for schedule(dynamic, chunk_size(tasks, threads))
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / in.height, y = task % in.height, row = b * image + y * in.width;
+      const float* h = in.h + b * image * channels;
+      token_sources(in.height, in.width, channels, y, y + 1, src);
+      for (int64_t c = 0; c < channels; c += TVW) {
+        const int64_t n = std::min<int64_t>(TVW, channels - c);
+        const TapVectors taps(cv, c);
+        const TV skip = load<TVW>(&cv.skip[c]);
+        for (int64_t x = 0; x < in.width; ++x) {
+          TV acc = taps.fuse(h, &src[x * kTaps], c, n);
+          const int64_t at = (row + x) * channels + c;
+          if (in.obs) acc = acc * in.obs[row + x] + skip * load_n(in.u + at, n);  // y = F * C + D * u
+          store_n(out + at, acc, n);
+        }
+      }
+    }
+  }
+}
+
+// The source rows q (or columns) whose clamped read q + d lands on p, for every p in [0, n) and each of the 25 taps'
+// offsets: an interval, since clamp is monotone; first[k * n + p] > last[k * n + p] when empty.
+void preimages(int64_t n, const int* offsets, std::vector<int64_t>& first, std::vector<int64_t>& last) {
+  first.assign(kTaps * n, n);
+  last.assign(kTaps * n, -1);
+  for (int k = 0; k < kTaps; ++k) {
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t p = k * n + clamp(q + offsets[k], 0, n - 1);
+      first[p] = std::min(first[p], q);
+      last[p] = std::max(last[p], q);
+    }
+  }
+}
+
+// dtaps of rows y0 .. y1 - 1 of one image, dtaps_k += dF * h[source k] summed over their pixels, into
+// acc[k * padded + c]; `src` holds the rows' sources (token_sources).
+void dtaps_rows(const Inputs& in, const ChannelVectors& cv, const float* h, const float* dy, const float* obs,
+                const std::vector<int64_t>& src, int64_t y0, int64_t y1, float* acc) {
+  const int64_t channels = in.channels, first = y0 * in.width, pixels = (y1 - y0) * in.width;
+  for (int64_t c = 0; c < channels; c += TVW) {
+    const int64_t n = std::min<int64_t>(TVW, channels - c);
+    TV sums[kTaps] = {};
+    for (int64_t i = 0; i < pixels; ++i) {
+      const TV df = load_n(dy + (first + i) * channels + c, n) * (obs ? obs[first + i] : 1.0f);
+      const int64_t* s = &src[i * kTaps];
+#pragma GCC unroll 25
+      for (int k = 0; k < kTaps; ++k) sums[k] += df * load_n(h + s[k] + c, n);
+    }
+    for (int k = 0; k < kTaps; ++k) store<TVW>(acc + k * cv.padded + c, sums[k]);
+  }
+}
+
+// dC of rows y0 .. y1 - 1 of one image: the sum over channels of dy * F, per pixel, into dobs; `lanes` is a scratch
+// of one vector per pixel.
+void dobs_rows(const Inputs& in, const ChannelVectors& cv, const float* h, const float* dy,
+               const std::vector<int64_t>& src, int64_t y0, int64_t y1, std::vector<TV>& lanes, float* dobs) {
+  const int64_t channels = in.channels, first = y0 * in.width, pixels = (y1 - y0) * in.width;
+  lanes.assign(pixels, TV{});
+  for (int64_t c = 0; c < channels; c += TVW) {
+    const int64_t n = std::min<int64_t>(TVW, channels - c);
+    const TapVectors taps(cv, c);
+    for (int64_t i = 0; i < pixels; ++i) {
+      lanes[i] += load_n(dy + (first + i) * channels + c, n) * taps.fuse(h, &src[i * kTaps], c, n);
+    }
+  }
+  for (int64_t i = 0; i < pixels; ++i) {
+    float total = 0.0f;
+    for (int j = 0; j < TVW; ++j) total += lanes[i][j];
+    dobs[first + i] = total;
+  }
+}
+
+// dh of rows y0 .. y1 - 1 of one image, gathered: tap k of pixel p collects dF = dy * C over the output pixels whose
+// clamped read k landed on p (`preimages`: one pixel, none, or at the border a box of up to 6 x 6).
+void dh_rows(const Inputs& in, const ChannelVectors& cv, const std::vector<int64_t>& row_first,
+             const std::vector<int64_t>& row_last, const std::vector<int64_t>& col_first,
+             const std::vector<int64_t>& col_last, const float* dy, const float* obs, int64_t y0, int64_t y1,
+             float* dh) {
+  const int64_t channels = in.channels, padded = cv.padded;
+  // A pixel's sources: a tap's vector of weights scaled by C at the source pixel, and the source pixel.
+  std::vector<int> item_tap(kTaps * 36);
+  std::vector<float> item_obs(kTaps * 36);
+  std::vector<int64_t> item_pixel(kTaps * 36);
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t x = 0; x < in.width; ++x) {
+      int items = 0;
+      for (int k = 0; k < kTaps; ++k) {
+        for (int64_t qy = row_first[k * in.height + y]; qy <= row_last[k * in.height + y]; ++qy) {
+          for (int64_t qx = col_first[k * in.width + x]; qx <= col_last[k * in.width + x]; ++qx) {
+            const int64_t q = qy * in.width + qx;
+            item_tap[items] = k, item_obs[items] = obs ? obs[q] : 1.0f, item_pixel[items++] = q * channels;
+          }
+        }
+      }
+      // Item by item, each a pass over the pixel's channels (which stay in L1 across the items).
+      float* dst = dh + (y * in.width + x) * channels;
+      std::memset(dst, 0, channels * sizeof(float));
+      for (int i = 0; i < items; ++i) {
+        const float* taps = &cv.taps_t[item_tap[i] * padded];
+        const float* src = dy + item_pixel[i];
+        const float w = item_obs[i];
+        for (int64_t c = 0; c < channels; c += TVW) {
+          const int64_t n = std::min<int64_t>(TVW, channels - c);
+          store_n(dst + c, load_n(dst + c, n) + load<TVW>(taps + c) * (w * load_n(src + c, n)), n);
+        }
+      }
+    }
+  }
+}
+
+// Gradients of forward_tokens, the same as backward's, in passes over a task's rows (dtaps; dC; dh; du and dD),
+// each run only when asked for.
+void backward_tokens(const Inputs& in, const Grads& out, int threads) {
+  const ChannelVectors cv(in);
+  const int64_t channels = in.channels, padded = cv.padded, image = in.height * in.width;
+  const int64_t blocks = (in.height + kTokenRows - 1) / kTokenRows, tasks = in.batch * blocks;
+  std::vector<int64_t> row_first, row_last, col_first, col_last;
+  if (out.dh) {
+    preimages(in.height, kDy, row_first, row_last);
+    preimages(in.width, kDx, col_first, col_last);
+  }
+  // partials[task][k * padded + c]: dtaps for k < 25, dD for k = 25.
+  const bool need_partials = out.dtaps || out.dskip;
+  std::vector<double> partials(need_partials ? tasks * kPartials * padded : 0, 0.0);
+#pragma omp parallel num_threads(threads) if (tasks > 1)
+  {
+    std::vector<float> acc(need_partials ? kPartials * padded : 0);
+    std::vector<int64_t> src;
+    std::vector<TV> lanes;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / blocks, y0 = task % blocks * kTokenRows, y1 = std::min(in.height, y0 + kTokenRows);
+      const float* h = in.h + b * image * channels;
+      const float* dy = out.dy + b * image * channels;
+      const float* obs = in.obs ? in.obs + b * image : nullptr;
+      float* dobs = out.dobs ? out.dobs + b * image : nullptr;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      if (out.dtaps || out.dobs) token_sources(in.height, in.width, channels, y0, y1, src);
+      if (out.dtaps) dtaps_rows(in, cv, h, dy, obs, src, y0, y1, acc.data());
+      if (out.dobs) dobs_rows(in, cv, h, dy, src, y0, y1, lanes, dobs);
+      if (out.dh) {
+        dh_rows(in, cv, row_first, row_last, col_first, col_last, dy, obs, y0, y1, out.dh + b * image * channels);
+      }
+      if (out.du || out.dskip) {
+        for (int64_t pixel = y0 * in.width; pixel < y1 * in.width; ++pixel) {
+          const int64_t at = (b * image + pixel) * channels;
+          for (int64_t c = 0; c < channels; c += TVW) {
+            const int64_t n = std::min<int64_t>(TVW, channels - c);
+            const TV vdy = load_n(out.dy + at + c, n);
+            if (out.du) store_n(out.du + at + c, vdy * load<TVW>(&cv.skip[c]), n);
+            if (out.dskip) {
+              float* a = &acc[kTaps * padded + c];
+              store<TVW>(a, load<TVW>(a) + vdy * load_n(in.u + at + c, n));
+            }
+          }
+        }
+      }
+      if (need_partials) {
+        double* partial = partials.data() + task * kPartials * padded;
+        for (int64_t i = 0; i < kPartials * padded; ++i) partial[i] = acc[i];
+      }
+    }
+    if (need_partials) {
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < channels; ++c) {
+        double sums[kPartials] = {};
+        for (int64_t task = 0; task < tasks; ++task) {
+          for (int k = 0; k < kPartials; ++k) sums[k] += partials[(task * kPartials + k) * padded + c];
+        }
+        if (out.dtaps)
+          for (int k = 0; k < kTaps; ++k) out.dtaps[c * kTaps + k] = static_cast<float>(sums[k]);
+        if (out.dskip) out.dskip[c] = static_cast<float>(sums[kTaps]);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -419,7 +681,7 @@ void sm_fusion_forward(const float* h, const float* taps, const float* obs, cons
                        float* out, int64_t batch, int64_t channels, int64_t height, int64_t width, int threads) {
   const Inputs in{h, taps, obs, u, skip, batch, channels, height, width};
   if (batch * channels * height * width == 0) return;
-  if (width <= 8) {
+  if (width <= 8 || kLanes < 16) {
     forward<8>(in, out, threads);
   } else {
     forward<16>(in, out, threads);
@@ -438,11 +700,32 @@ void sm_fusion_backward(const float* h, const float* taps, const float* obs, con
     if (dskip) std::memset(dskip, 0, channels * sizeof(float));
     return;
   }
-  if (width <= 8) {
+  if (width <= 8 || kLanes < 16) {
     backward<8>(in, grads, threads);
   } else {
     backward<16>(in, grads, threads);
   }
+}
+
+// sm_fusion_forward and sm_fusion_backward on the token-major layout: h, u, out, dy, dh and du
+// (batch, height, width, channels); taps (C, 25), obs (B, H, W) and skip (C,) as there.
+void sm_fusion_forward_tokens(const float* h, const float* taps, const float* obs, const float* u, const float* skip,
+                              float* out, int64_t batch, int64_t channels, int64_t height, int64_t width,
+                              int threads) {
+  if (batch * channels * height * width == 0) return;
+  forward_tokens(Inputs{h, taps, obs, u, skip, batch, channels, height, width}, out, threads);
+}
+
+void sm_fusion_backward_tokens(const float* h, const float* taps, const float* obs, const float* u, const float* skip,
+                               const float* dy, float* dh, float* dtaps, float* dobs, float* du, float* dskip,
+                               int64_t batch, int64_t channels, int64_t height, int64_t width, int threads) {
+  if (batch * channels * height * width == 0) {
+    if (dtaps) std::memset(dtaps, 0, channels * kTaps * sizeof(float));
+    if (dskip) std::memset(dskip, 0, channels * sizeof(float));
+    return;
+  }
+  backward_tokens(Inputs{h, taps, obs, u, skip, batch, channels, height, width}, Grads{dy, dh, dtaps, dobs, du, dskip},
+                  threads);
 }
 
 }  // extern "C"
