@@ -71,6 +71,11 @@ if [ "$WITH_MM" = 1 ]; then
     "$PY" -m pip install -q --no-deps "$WHEELS"/mmcv-*.whl
     "$PY" -m pip install -q addict yapf packaging Pillow "opencv-python-headless" rich termcolor
     "$PY" -m pip install -q -r "$ROOT/requirements-mm.txt"
+    # mmseg 1.2.2's analysis_tools/get_flops.py works with mmengine <= 0.7.2 only (segmentation/README.md): that
+    # mmengine, beside the venv's own, for running it in a segmentation-only process (its test puts it first on
+    # sys.path).
+    rm -rf "$VENV/mmengine-0.7.2"
+    "$PY" -m pip install -q --no-deps --target "$VENV/mmengine-0.7.2" "mmengine==0.7.2"
     "$PY" -W ignore -c "import pkg_resources, mmcv, mmdet, mmseg, mmpretrain; from mmcv.ops import nms, RoIAlign"
     echo "$MM_STAMP" > "$VENV/.mm-stamp"
   else

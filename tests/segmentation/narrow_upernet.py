@@ -56,9 +56,10 @@ def write_config(path: Path, data_root: Path, max_iters: int = 40, num_classes: 
     return path
 
 
-def run_mmseg_tool(tool: str, *args, cwd: Path) -> str:
+def run_mmseg_tool(tool: str, *args, cwd: Path, first_on_path: tuple = ()) -> str:
     """Runs ``mmseg/.mim/tools/<tool>`` unchanged, from outside the repository, with mmdet made unimportable: only
-    the config's ``custom_imports`` can register the backbone."""
+    the config's ``custom_imports`` can register the backbone. ``first_on_path``: folders put before the venv's
+    packages (another mmengine)."""
     import subprocess
     import sys
 
@@ -66,7 +67,7 @@ def run_mmseg_tool(tool: str, *args, cwd: Path) -> str:
 
     path = Path(mmseg.__file__).parent / ".mim" / "tools" / tool
     code = (
-        "import runpy, sys; sys.modules['mmdet'] = None; "
+        f"import runpy, sys; sys.path[:0] = {list(map(str, first_on_path))!r}; sys.modules['mmdet'] = None; "
         f"sys.argv = {[str(path), *map(str, args)]!r}; runpy.run_path({str(path)!r}, run_name='__main__')"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)

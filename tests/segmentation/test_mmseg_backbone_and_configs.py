@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,30 @@ def test_mmseg_get_flops_is_broken_upstream_for_every_model(narrow):
     tmp, config = narrow
     with pytest.raises(AssertionError, match='"input_shape" and "inputs" cannot be both set'):
         run_mmseg_tool("analysis_tools/get_flops.py", config, "--shape", "64", "64", cwd=tmp)
+
+
+def test_mmseg_get_flops_counts_our_segmentor_on_the_mmengine_it_was_written_for(narrow):
+    """With mmengine 0.7.2, the last that takes both ``input_shape`` and ``inputs`` (tools/setup_env.sh --mm installs
+    it beside the venv's own; segmentation/README.md), mmseg's own get_flops.py builds our segmentor from the config
+    and counts it: its parameter count is the segmentor's without the auxiliary head, which the tool drops."""
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    old_mmengine = Path(sys.prefix) / "mmengine-0.7.2"
+    assert (old_mmengine / "mmengine").is_dir(), f"{old_mmengine} is missing: run tools/setup_env.sh --mm"
+    tmp, config = narrow
+    out = run_mmseg_tool(
+        "analysis_tools/get_flops.py", config, "--shape", "64", "64", cwd=tmp, first_on_path=(old_mmengine,)
+    )
+    assert "Input shape: (64, 64)" in out, out[-2000:]
+    flops = re.search(r"Flops: ([0-9.]+)M", out)
+    params = re.search(r"Params: ([0-9.]+)M", out)
+    assert flops and params, out[-2000:]
+
+    register_all_modules()
+    cfg = Config.fromfile(config)
+    model = MODELS.build(cfg.model)
+    expected = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("auxiliary_head."))
+    assert float(params.group(1)) == pytest.approx(expected / 1e6, abs=0.0005)
+    assert float(flops.group(1)) > 0
