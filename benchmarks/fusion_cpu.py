@@ -6,9 +6,12 @@ compiled ``cpu`` backend (``spatial_mamba/ops/csrc/``) at Spatial-Mamba-T's four
 
 For each stage, op (``state_fusion``: fn(h, taps); ``fused_observation``: fn(h, taps, C, u, D); ``selective_scan``:
 fn(u, delta, A, B, delta_bias, softplus) over the stage's H x W tokens, d_state 1) and pass (forward under no_grad;
-forward + backward with every input requiring its gradient), the two backends are timed in
-interleaved rounds (reference, cpu, reference, cpu, ...), so that a load that comes and goes on a shared machine
-reaches both; the table gives each backend's median over the rounds and the ratio reference / cpu of the medians.
+forward + backward with every input requiring its gradient), three variants are timed in interleaved rounds
+(reference, cpu, cpu token-major, reference, ...), so that a load that comes and goes on a shared machine reaches
+all: the reference backend and the compiled kernels on contiguous (B, C, ...) states, and the compiled kernels on
+token-major ones (views of (B, ..., C) memory, the layout the model hands them on the CPU; the upstream gradient in
+the same layout). The table gives each variant's median over the rounds and the ratios reference / cpu and
+cpu / cpu token-major of the medians.
 The load average before and after is printed and stored. float32, the model's ranges do not matter to the time.
 """
 
@@ -28,12 +31,21 @@ from spatial_mamba.ops import backend
 
 # (d_inner, height = width): Spatial-Mamba-T at 224x224 (the official ``spatialmamba_tiny`` config).
 STAGES = ((128, 56), (256, 28), (512, 14), (1024, 7))
-BACKENDS = ("reference", "cpu")
+# name: (backend, token-major states)
+VARIANTS = {"reference": ("reference", False), "cpu": ("cpu", False), "cpu token-major": ("cpu", True)}
 OPS = ("state_fusion", "fused_observation", "selective_scan")
 PASSES = ("forward", "forward+backward")
 
 
-def make_inputs(op: str, batch: int, channels: int, side: int, grad: bool):
+def make_inputs(op: str, batch: int, channels: int, side: int, grad: bool, token_major: bool = False):
+    """The op's inputs; with ``token_major``, its (B, C, ...) states (h and u, or u and delta) in that layout."""
+    tensors = _inputs(op, batch, channels, side)
+    states = (0, 1) if op == "selective_scan" else (0, 3)
+    tensors = [backend.as_layout(t, token_major) if i in states else t for i, t in enumerate(tensors)]
+    return [t.requires_grad_(grad) for t in tensors]
+
+
+def _inputs(op: str, batch: int, channels: int, side: int):
     gen = torch.Generator().manual_seed(0)
     if op == "selective_scan":
         length = side * side
@@ -44,7 +56,7 @@ def make_inputs(op: str, batch: int, channels: int, side: int, grad: bool):
             torch.randn(batch, 1, length, generator=gen),
             torch.rand(channels, generator=gen) - 4.0,
         ]
-        return [t.requires_grad_(grad) for t in tensors]
+        return tensors
     h = torch.randn(batch, channels, side, side, generator=gen)
     taps = torch.randn(channels, 25, generator=gen) / 5
     tensors = [h, taps]
@@ -54,7 +66,7 @@ def make_inputs(op: str, batch: int, channels: int, side: int, grad: bool):
             torch.randn(batch, channels, side, side, generator=gen),
             torch.rand(channels, generator=gen),
         ]
-    return [t.requires_grad_(grad) for t in tensors]
+    return tensors
 
 
 def step(op: str, name: str, tensors, grad: bool, dy):
@@ -93,7 +105,10 @@ def main():
     load_before = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.rounds} rounds")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
-    header = f"{'op':<18} {'pass':<17} {'D':>5} {'HxW':>6}  {'reference ms':>12} {'cpu ms':>8} {'ratio':>6}"
+    header = (
+        f"{'op':<18} {'pass':<17} {'D':>5} {'HxW':>6}  {'reference ms':>12} {'cpu ms':>8} {'token-major ms':>14}"
+        f" {'ref/cpu':>7} {'cpu/token':>9}"
+    )
     print(header)
     print("-" * len(header))
     results = []
@@ -101,16 +116,23 @@ def main():
         for pass_name in PASSES:
             grad = pass_name != "forward"
             for channels, side in STAGES:
-                tensors = make_inputs(op, args.batch, channels, side, grad)
-                dy = torch.randn(args.batch, channels, side, side)
-                times = {name: [] for name in BACKENDS}
-                for name in BACKENDS:  # warm-up (and the first call's compile of the kernels)
-                    step(op, name, tensors, grad, dy)
+                inputs = {}
+                for name, (_, tokens) in VARIANTS.items():
+                    dy = backend.as_layout(torch.randn(args.batch, channels, side, side), tokens)
+                    inputs[name] = dict(tensors=make_inputs(op, args.batch, channels, side, grad, tokens), dy=dy)
+                run = {
+                    name: functools.partial(step, op, which, grad=grad, **inputs[name])
+                    for name, (which, _) in VARIANTS.items()
+                }
+                times = {name: [] for name in VARIANTS}
+                for name in VARIANTS:  # warm-up (and the first call's compile of the kernels)
+                    run[name]()
                 for _ in range(args.rounds):
-                    for name in BACKENDS:
-                        times[name].append(time_ms(functools.partial(step, op, name, tensors, grad, dy)))
+                    for name in VARIANTS:
+                        times[name].append(time_ms(run[name]))
                 medians = {name: statistics.median(values) for name, values in times.items()}
                 ratio = medians["reference"] / medians["cpu"]
+                layout_ratio = medians["cpu"] / medians["cpu token-major"]
                 results.append(
                     {
                         "op": op,
@@ -119,11 +141,13 @@ def main():
                         "median_ms": medians,
                         "times_ms": times,
                         "ratio_reference_to_cpu": ratio,
+                        "ratio_cpu_to_token_major": layout_ratio,
                     }
                 )
                 print(
                     f"{op:<18} {pass_name:<17} {channels:>5} {f'{side}x{side}':>6}  "
-                    f"{medians['reference']:>12.2f} {medians['cpu']:>8.2f} {ratio:>5.2f}x"
+                    f"{medians['reference']:>12.2f} {medians['cpu']:>8.2f} {medians['cpu token-major']:>14.2f}"
+                    f" {ratio:>6.2f}x {layout_ratio:>8.2f}x"
                 )
     load_after = os.getloadavg()
     print(f"load average after: {' '.join(f'{x:.2f}' for x in load_after)}")
