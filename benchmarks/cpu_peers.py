@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import timm
 import torch
 
 import spatial_mamba  # noqa: F401  (registers spatial_mamba_* with timm)
+from spatial_mamba.ops import cpu_kernels
 
 MODELS = {
     "Spatial-Mamba-T": "spatial_mamba_tiny",
@@ -135,7 +135,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "timm": timm.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_kernels.describe_cpu(),
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "results": results,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from pathlib import Path
 
 import timm
@@ -21,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import spatial_mamba  # noqa: F401  (registers spatial_mamba_* with timm)
+from spatial_mamba.ops import cpu_kernels
 
 
 def table(prof, top: int):
@@ -66,7 +66,7 @@ def main(argv=None):
         "img_size": args.img_size,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_kernels.describe_cpu(),
         "results": {},
     }
     for name, fn in (("inference", infer), ("train_step", train_step)):

@@ -41,6 +41,7 @@ __all__ = [
     "SOURCES",
     "available",
     "cache_dir",
+    "describe_cpu",
     "fused_observation_cpu",
     "selective_scan_cpu",
     "state_fusion_cpu",
@@ -80,6 +81,24 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.machine() + " " + platform.processor()
+
+
+def describe_cpu() -> str:
+    """The CPU's model name and the vector extensions the kernels' width depends on, for benchmark reports: e.g.
+    "AMD EPYC (avx2 fma)". The kernels use 16-float vectors with avx512f, else 8."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = set(_cpu_flags().split())
+    return (
+        f"{model} ({' '.join(f for f in ('avx2', 'fma', 'avx512f', 'asimd', 'sve') if f in flags) or 'no SIMD flags'})"
+    )
 
 
 def _summary(text: str, limit: int = 300) -> str:
