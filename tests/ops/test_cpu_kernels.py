@@ -348,3 +348,12 @@ def test_a_float32_model_trains_the_same_on_the_cpu_kernels_as_on_the_reference(
     scale = max(g.abs().max().item() for g in grads_ref.values())
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5 * scale, msg=name)
+
+
+def test_describe_cpu_names_the_vector_extensions_the_kernels_width_depends_on(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "sse4_2 avx fma avx2")
+    assert cpu_kernels.describe_cpu().endswith("(avx2 fma)")
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "avx512f avx2 fma avx512bw")
+    assert cpu_kernels.describe_cpu().endswith("(avx2 fma avx512f)")
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "sse2")
+    assert cpu_kernels.describe_cpu().endswith("(no SIMD flags)")
