@@ -51,6 +51,7 @@ __all__ = [
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"  # package data: installed wheels carry it
 SOURCES = (SOURCE_DIR / "state_fusion.cpp", SOURCE_DIR / "selective_scan.cpp")
+HEADERS = (SOURCE_DIR / "simd.h",)
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 CACHE_ENV = "SPATIAL_MAMBA_CACHE"
 CXX_ENV = "SPATIAL_MAMBA_CXX"
@@ -111,7 +112,7 @@ def _summary(text: str, limit: int = 300) -> str:
 
 def _build(cxx: str, directory: Path) -> Tuple[Path | None, str]:
     """(path of the compiled library, why); the path is None when it cannot be built."""
-    missing = [str(path) for path in SOURCES if not path.is_file()]
+    missing = [str(path) for path in SOURCES + HEADERS if not path.is_file()]
     if missing:
         return None, f"the kernel sources {', '.join(missing)} are missing (the package is incomplete)"
     if shutil.which(cxx) is None:
@@ -120,7 +121,7 @@ def _build(cxx: str, directory: Path) -> Tuple[Path | None, str]:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"{cxx} --version failed: {error}"
-    parts = [path.read_bytes() for path in SOURCES] + [" ".join(CXX_FLAGS).encode(), version.encode()]
+    parts = [path.read_bytes() for path in SOURCES + HEADERS] + [" ".join(CXX_FLAGS).encode(), version.encode()]
     key = hashlib.sha256(b"\0".join([*parts, _cpu_flags().encode()]))
     target = directory / f"state_fusion_{key.hexdigest()[:20]}.so"
     if target.is_file():

@@ -26,16 +26,10 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-// Floats per vector: 16 where the CPU has 512-bit registers (AVX-512), else 8. Vectors wider than the registers are
-// split by the compiler, which lowers some of their operations (selects, conversions) to scalar code: with 16 floats
-// on an AVX2 CPU these kernels ran 3 to 5 times slower.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
 constexpr int VW = kLanes;
 constexpr int kRows = 8;
 
@@ -108,38 +102,14 @@ inline V load(const float* p) {
 
 inline void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
-// The first n <= VW floats at p (zeros in the other lanes), and their store.
-inline V load_n(const float* p, int64_t n) {
-  if (n == VW) return load(p);
-  V v = V{};
-  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
-  return v;
-}
-
-inline void store_n(float* p, V v, int64_t n) {
-  if (n == VW) return store(p, v);
-  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
-}
-
 // dt, a - 1 = exp(dt A) - 1 and b = dt B u of one row, positions [t, t + n) with n <= VW.
 inline void row_terms(const float* u, const float* delta, const float* Bt, float bias, float A, bool softplus, int64_t t,
                       int64_t n, float* dt, float* a, float* b) {
-  V vu, vdelta, vB;
-  if (n == VW) {
-    vu = load(u + t), vdelta = load(delta + t), vB = load(Bt + t);
-  } else {
-    vu = V{}, vdelta = V{}, vB = V{};
-    for (int64_t i = 0; i < n; ++i) vu[i] = u[t + i], vdelta[i] = delta[t + i], vB[i] = Bt[t + i];
-  }
-  V vdt = vdelta + bias;
+  V vdt = load_n<V>(delta + t, n) + bias;
   if (softplus) vdt = vsoftplus(vdt);
-  const V va = vexpm1(vdt * A);
-  const V vb = vdt * vB * vu;
-  if (n == VW) {
-    store(dt + t, vdt), store(a + t, va), store(b + t, vb);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dt[t + i] = vdt[i], a[t + i] = va[i], b[t + i] = vb[i];
-  }
+  store_n(dt + t, vdt, n);
+  store_n(a + t, vexpm1(vdt * A), n);
+  store_n(b + t, vdt * load_n<V>(Bt + t, n) * load_n<V>(u + t, n), n);
 }
 
 }  // namespace
@@ -345,8 +315,8 @@ void sm_scan_forward_tokens(const float* u, const float* delta, const float* A, 
     V vA[kBlockVecs], vbias[kBlockVecs], x[kBlockVecs];
     for (int k = 0; k < kBlockVecs; ++k) {
       n[k] = lanes(channels, c0, k);
-      vA[k] = load_n(A + c0 + k * VW, n[k]);
-      vbias[k] = bias ? load_n(bias + c0 + k * VW, n[k]) : V{};
+      vA[k] = load_n<V>(A + c0 + k * VW, n[k]);
+      vbias[k] = bias ? load_n<V>(bias + c0 + k * VW, n[k]) : V{};
       x[k] = V{};
     }
     for (int64_t t = 0; t < length; ++t) {
@@ -356,10 +326,10 @@ void sm_scan_forward_tokens(const float* u, const float* delta, const float* A, 
       for (int k = 0; k < kBlockVecs; ++k) {
         if (n[k] == 0) break;
         const int64_t p = base + k * VW;
-        V vdt = load_n(delta + p, n[k]) + vbias[k];
+        V vdt = load_n<V>(delta + p, n[k]) + vbias[k];
         if (softplus) vdt = vsoftplus(vdt);
         // x_t = x_{t-1} + ((a_t - 1) x_{t-1} + b_t), as in sm_scan_forward.
-        x[k] = x[k] + (vexpm1(vdt * vA[k]) * x[k] + vdt * Bt * load_n(u + p, n[k]));
+        x[k] = x[k] + (vexpm1(vdt * vA[k]) * x[k] + vdt * Bt * load_n<V>(u + p, n[k]));
         store_n(hs + p, x[k], n[k]);
         store_n(dt + p, vdt, n[k]);
       }
@@ -393,8 +363,8 @@ void sm_scan_backward_tokens(const float* u, const float* delta, const float* A,
           sum_dbias[kBlockVecs];
       for (int k = 0; k < kBlockVecs; ++k) {
         n[k] = lanes(channels, c0, k);
-        vA[k] = load_n(A + c0 + k * VW, n[k]);
-        vbias[k] = bias ? load_n(bias + c0 + k * VW, n[k]) : V{};
+        vA[k] = load_n<V>(A + c0 + k * VW, n[k]);
+        vbias[k] = bias ? load_n<V>(bias + c0 + k * VW, n[k]) : V{};
         g[k] = em1_next[k] = sum_dA[k] = sum_dbias[k] = V{};
       }
       for (int64_t t = length - 1; t >= 0; --t) {
@@ -406,16 +376,16 @@ void sm_scan_backward_tokens(const float* u, const float* delta, const float* A,
           if (n[k] == 0) break;
           const int64_t p = base + k * VW;
           // g_t = g_{t+1} + ((a_{t+1} - 1) g_{t+1} + dhs_t).
-          g[k] = g[k] + (em1_next[k] * g[k] + load_n(dhs + p, n[k]));
-          const V vdt = load_n(dt + p, n[k]), vu = load_n(u + p, n[k]);
-          const V prev = t > 0 ? load_n(hs + p - channels, n[k]) : V{};
+          g[k] = g[k] + (em1_next[k] * g[k] + load_n<V>(dhs + p, n[k]));
+          const V vdt = load_n<V>(dt + p, n[k]), vu = load_n<V>(u + p, n[k]);
+          const V prev = t > 0 ? load_n<V>(hs + p - channels, n[k]) : V{};
           em1_next[k] = vexpm1(vdt * vA[k]);
           // a_t itself, not 1 + (a_t - 1), which loses a_t's digits where it is far below 1.
           const V q = vexp(vdt * vA[k]) * g[k] * prev;
           V ddt = g[k] * Bt * vu + q * vA[k];
           sum_dA[k] += q * vdt;
           if (softplus) {
-            const V v = load_n(delta + p, n[k]) + vbias[k];
+            const V v = load_n<V>(delta + p, n[k]) + vbias[k];
             const V sig = 1.0f / (vexp(-v) + 1.0f);
             ddt = v > 20.0f ? ddt : ddt * sig;
           }

@@ -32,16 +32,9 @@
 #include <cstring>
 #include <vector>
 
-namespace {
+#include "simd.h"
 
-// Floats per vector: 16 where the CPU has 512-bit registers (AVX-512), else 8. Vectors wider than the registers are
-// split by the compiler, which lowers some of their operations (selects, conversions) to scalar code: with 16 floats
-// on an AVX2 CPU these kernels ran 3 to 5 times slower.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
+namespace {
 
 constexpr int kTaps = 25;
 constexpr int kHalo = 5;
@@ -423,19 +416,6 @@ constexpr int TVW = kLanes;
 typedef Vec<TVW>::type TV;
 constexpr int64_t kTokenRows = 4;
 
-// The first n <= TVW floats at p (zeros in the other lanes), and their store.
-inline TV load_n(const float* p, int64_t n) {
-  if (n == TVW) return load<TVW>(p);
-  TV v = TV{};
-  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
-  return v;
-}
-
-inline void store_n(float* p, TV v, int64_t n) {
-  if (n == TVW) return store<TVW>(p, v);
-  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
-}
-
 // Per-channel vectors padded with zeros to a whole number of TVW lanes: taps as taps_t[k * padded + c], and D.
 struct ChannelVectors {
   int64_t padded;
@@ -475,7 +455,7 @@ struct TapVectors {
   inline TV fuse(const float* h, const int64_t* src, int64_t c, int64_t n) const {
     TV acc = TV{};
 #pragma GCC unroll 25
-    for (int k = 0; k < kTaps; ++k) acc += t[k] * load_n(h + src[k] + c, n);
+    for (int k = 0; k < kTaps; ++k) acc += t[k] * load_n<TV>(h + src[k] + c, n);
     return acc;
   }
 };
@@ -498,7 +478,7 @@ void forward_tokens(const Inputs& in, float* out, int threads) {
         for (int64_t x = 0; x < in.width; ++x) {
           TV acc = taps.fuse(h, &src[x * kTaps], c, n);
           const int64_t at = (row + x) * channels + c;
-          if (in.obs) acc = acc * in.obs[row + x] + skip * load_n(in.u + at, n);  // y = F * C + D * u
+          if (in.obs) acc = acc * in.obs[row + x] + skip * load_n<TV>(in.u + at, n);  // y = F * C + D * u
           store_n(out + at, acc, n);
         }
       }
@@ -529,10 +509,10 @@ void dtaps_rows(const Inputs& in, const ChannelVectors& cv, const float* h, cons
     const int64_t n = std::min<int64_t>(TVW, channels - c);
     TV sums[kTaps] = {};
     for (int64_t i = 0; i < pixels; ++i) {
-      const TV df = load_n(dy + (first + i) * channels + c, n) * (obs ? obs[first + i] : 1.0f);
+      const TV df = load_n<TV>(dy + (first + i) * channels + c, n) * (obs ? obs[first + i] : 1.0f);
       const int64_t* s = &src[i * kTaps];
 #pragma GCC unroll 25
-      for (int k = 0; k < kTaps; ++k) sums[k] += df * load_n(h + s[k] + c, n);
+      for (int k = 0; k < kTaps; ++k) sums[k] += df * load_n<TV>(h + s[k] + c, n);
     }
     for (int k = 0; k < kTaps; ++k) store<TVW>(acc + k * cv.padded + c, sums[k]);
   }
@@ -548,7 +528,7 @@ void dobs_rows(const Inputs& in, const ChannelVectors& cv, const float* h, const
     const int64_t n = std::min<int64_t>(TVW, channels - c);
     const TapVectors taps(cv, c);
     for (int64_t i = 0; i < pixels; ++i) {
-      lanes[i] += load_n(dy + (first + i) * channels + c, n) * taps.fuse(h, &src[i * kTaps], c, n);
+      lanes[i] += load_n<TV>(dy + (first + i) * channels + c, n) * taps.fuse(h, &src[i * kTaps], c, n);
     }
   }
   for (int64_t i = 0; i < pixels; ++i) {
@@ -589,7 +569,7 @@ void dh_rows(const Inputs& in, const ChannelVectors& cv, const std::vector<int64
         const float w = item_obs[i];
         for (int64_t c = 0; c < channels; c += TVW) {
           const int64_t n = std::min<int64_t>(TVW, channels - c);
-          store_n(dst + c, load_n(dst + c, n) + load<TVW>(taps + c) * (w * load_n(src + c, n)), n);
+          store_n(dst + c, load_n<TV>(dst + c, n) + load<TVW>(taps + c) * (w * load_n<TV>(src + c, n)), n);
         }
       }
     }
@@ -634,11 +614,11 @@ void backward_tokens(const Inputs& in, const Grads& out, int threads) {
           const int64_t at = (b * image + pixel) * channels;
           for (int64_t c = 0; c < channels; c += TVW) {
             const int64_t n = std::min<int64_t>(TVW, channels - c);
-            const TV vdy = load_n(out.dy + at + c, n);
+            const TV vdy = load_n<TV>(out.dy + at + c, n);
             if (out.du) store_n(out.du + at + c, vdy * load<TVW>(&cv.skip[c]), n);
             if (out.dskip) {
               float* a = &acc[kTaps * padded + c];
-              store<TVW>(a, load<TVW>(a) + vdy * load_n(in.u + at + c, n));
+              store<TVW>(a, load<TVW>(a) + vdy * load_n<TV>(in.u + at + c, n));
             }
           }
         }
