@@ -31,12 +31,15 @@ TREE = ROOT / "segmentation"
 # names), about 13% foreground pixels. With all ten digits as small strokes, 40 iterations learned the background only.
 SCENES = dict(digits=(0, 1), max_objects=2, sides=(0.4, 0.8))
 NUM_CLASSES = 3
-ITERS = 40
+ITERS = 120
 # Measured: lr 2e-3 (on slightly smaller glyphs) still predicted background everywhere after 40 iterations, 4e-3
 # learns the "0" glyphs; lr 0 scores below the baseline (mIoU 27.5 against 28.9), so the assertion fails.
 LR = 4e-3
-# The trained model's mIoU must exceed the all-background prediction's by this many points (measured: +16.0).
-MARGIN = 8.0
+# The trained model's mIoU must exceed the all-background prediction's by this many points. After 40 iterations the
+# gain was at the mercy of rounding: seeds 0-3 gave +0 to +20 points, and a change of the compiled kernels' float
+# contraction alone moved seed 0 from +8.7 to +2.3. After 120 (a few seconds more) seeds 0, 1, 3 and 7 gave +20.2 to
+# +25.1 (the mean over 8 seeds after 80 was +23).
+MARGIN = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +113,7 @@ def test_tta_miou_beats_predicting_background_everywhere_by_a_margin(setup, test
     assert set(metrics) == {"aAcc", "mIoU", "mAcc"}, out[-2000:]
     # A model that learned nothing but the majority class scores exactly the baseline; beating it by the margin needs
     # digit pixels told apart from the background (and the labels reduced, the flipped views flipped back).
-    # Measured: mIoU 44.91 against 28.92 (background IoU 93.7, the "0" glyphs 41.0, the "1" glyphs 0).
+    # Measured (seed 0): mIoU 54.06 against 28.92 (background IoU 97.8, the "0" glyphs 64.4, the "1" glyphs 0).
     baseline = _all_background_miou(_labels(tmp / "ade" / "annotations" / "validation"))
     assert baseline + MARGIN < metrics["mIoU"] <= 100.0, (metrics, baseline)
 
