@@ -16,6 +16,20 @@ from .ssm import StructureAwareSSM
 __all__ = ["SpatialMambaBlock", "SpatialMambaLayer"]
 
 
+def residual(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + branch``, written into ``branch``: a temporary of the block whose value no backward needs (a
+    convolution's, a linear layer's or DropPath's output), so the sum costs no new tensor (on the CPU, allocating one
+    costs more than the addition). Out of place where the dtypes differ: under autocast the branch is half precision,
+    and the sum keeps x's."""
+    if branch.dtype != x.dtype:
+        return x + branch
+    return branch.add_(x)
+
+
+# torch.fx records calls to ``residual`` instead of tracing its dtype test (timm's FX feature extraction).
+torch.fx.wrap("residual")
+
+
 class SpatialMambaBlock(nn.Module):
     """x + cpe1(x); x + DropPath(SSM(LN(x))); x + cpe2(x); x + DropPath(MLP(LN(x))), on (B, h, w, C) tokens."""
 
@@ -41,10 +55,10 @@ class SpatialMambaBlock(nn.Module):
         self.mlp = Mlp(hidden_dim, int(hidden_dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.cpe1(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.self_attention(self.ln_1(x)))
-        x = x + self.cpe2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.mlp(self.ln_2(x)))
+        x = residual(self.cpe1(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), x)
+        x = residual(self.drop_path(self.self_attention(self.ln_1(x))), x)
+        x = residual(self.cpe2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), x)
+        x = residual(self.drop_path(self.mlp(self.ln_2(x))), x)
         return x
 
 

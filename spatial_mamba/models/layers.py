@@ -27,7 +27,9 @@ class ConvLayer(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self.norm = nn.BatchNorm2d(out_channels) if norm else None
-        self.act = nn.ReLU() if act else None
+        # In place: the convolution's (or the norm's) output is a temporary whose value neither backward needs, and on
+        # the CPU a second tensor of the stem's and the downsampling's sizes costs more than the ReLU itself.
+        self.act = nn.ReLU(inplace=True) if act else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
@@ -90,4 +92,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = self.fc1(x)
+        # With autograd off the activation overwrites fc1's output, the block's widest tensor, instead of allocating one
+        # more of its size (GELU's backward needs its input, so training keeps both).
+        x = self.act(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
+        return self.drop(self.fc2(self.drop(x)))

@@ -47,6 +47,13 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _silu_temporary(t: torch.Tensor) -> torch.Tensor:
+    """SiLU of a temporary of the mixer (a convolution's output, half of in_proj's output), in place when autograd is
+    off: on the CPU, allocating one more tensor of the mixer's width costs more than the SiLU itself. (Grad mode, not
+    ``t.requires_grad``, decides: it is known when torch.fx traces the model.)"""
+    return F.silu(t, inplace=not torch.is_grad_enabled())
+
+
 class StateFusion(nn.Module):
     """Structure-aware state fusion h_t = sum_k alpha_k x_{rho_k(t)}: three 3x3 depthwise kernels at dilations 1, 3, 5.
 
@@ -118,7 +125,6 @@ class StructureAwareSSM(nn.Module):
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
-        self.act = nn.SiLU()
 
         # Rows [dt (R) ; B (N) ; C (N)], initialised like nn.Linear(d_inner, R + 2N) (the official ``x_proj``).
         x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
@@ -169,7 +175,7 @@ class StructureAwareSSM(nn.Module):
         """The scan's inputs from the in_proj half x (B, h, w, D): u and Δ (B, D, L) contiguous (the layout of the GPU
         kernels), B and C (B, N, L). The depthwise convolution runs on a contiguous (B, D, h, w) copy of x."""
         batch, height, width, d_inner = x.shape
-        x = self.act(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
+        x = _silu_temporary(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
         u = x.view(batch, d_inner, height * width)  # row-major flatten: the raster scan order t = row * w + col
         # (R + 2N, D) @ (B, D, L) and (D, R) @ (B, R, L): batched matmuls that read u and dts in place.
         x_dbl = torch.matmul(self.x_proj_weight.to(u.dtype), u)
@@ -182,7 +188,7 @@ class StructureAwareSSM(nn.Module):
         are views of (B, L, D) memory, and nothing is transposed on either side of the scan and the fusion (oneDNN's
         depthwise convolution is also fastest on the channels-last view, and keeps it)."""
         batch, height, width, d_inner = x.shape
-        x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))
+        x = _silu_temporary(self.conv2d(x.permute(0, 3, 1, 2)))
         tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, d_inner)  # raster order t = row * w + col
         x_dbl = F.linear(tokens, self.x_proj_weight.to(tokens.dtype))  # (B, L, R + 2N)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -228,4 +234,6 @@ class StructureAwareSSM(nn.Module):
                 y = torch.einsum("bdnl,bnl->bdl", hf, Cs.to(hf.dtype)) + u * self.Ds[:, None]
 
         y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, d_inner))
-        return self.out_proj(y * F.silu(z))
+        if torch.is_grad_enabled():
+            return self.out_proj(y * F.silu(z))
+        return self.out_proj(y.mul_(_silu_temporary(z)))  # the norm's output is a temporary too

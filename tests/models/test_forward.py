@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from spatial_mamba import SpatialMamba
-from spatial_mamba.models import StructureAwareSSM
+from spatial_mamba.models import SpatialMambaBlock, StructureAwareSSM
 from spatial_mamba.ops import state_fusion
 
 
@@ -139,6 +139,26 @@ def test_cpu_bf16_autocast_runs_close_to_float32():
         loss = model(x).float().logsumexp(1).mean()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_block_sums_keep_a_float32_input_float32_under_autocast(grad):
+    """The block adds each branch into the branch's output where it can (a temporary); under autocast the branches
+    come out bf16, and a float32 input must still give the float32 sum, as ``x + branch`` does, and the same values."""
+    torch.manual_seed(0)
+    block = SpatialMambaBlock(16).eval()
+    x = torch.randn(2, 5, 7, 16)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+        cpe = block.cpe1(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert cpe.dtype == torch.bfloat16 and out.dtype == torch.float32
+    # Out of place, step by step: the sums in float32, the branches as autocast runs them.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = x + block.cpe1(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = y + block.self_attention(block.ln_1(y))
+        y = y + block.cpe2(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = y + block.mlp(block.ln_2(y))
+    torch.testing.assert_close(out.detach(), y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
