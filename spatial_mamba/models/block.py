@@ -20,7 +20,7 @@ def residual(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``x + branch``, written into ``branch``: a temporary of the block whose value no backward needs (a
     convolution's, a linear layer's or DropPath's output), so the sum costs no new tensor (on the CPU, allocating one
     costs more than the addition). Out of place where the dtypes differ: under autocast the branch is half precision,
-    and the sum keeps x's."""
+    and the sum keeps x's. A forward hook that keeps a branch module's output must clone it (docs/architecture.md)."""
     if branch.dtype != x.dtype:
         return x + branch
     return branch.add_(x)
