@@ -84,13 +84,10 @@ def step_fn(model: torch.nn.Module, train: bool, batch: int, img_size: int) -> C
     return train_step
 
 
-def run_case(case: str, rounds: int) -> Dict[str, Dict[str, object]]:
-    train, batch, img_size = CASES[case]
-    steps = {
-        label: step_fn(build(name, img_size, **kwargs), train, batch, img_size)
-        for label, (name, kwargs) in models_of(case).items()
-    }
-    for step in steps.values():  # warm-up: allocator, oneDNN primitive caches
+def time_interleaved(steps: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, list]:
+    """label -> seconds of each of ``rounds`` calls of its step, one call of every step per round, after one untimed
+    call of each (allocator, oneDNN primitive caches, the kernels' first compile)."""
+    for step in steps.values():
         step()
     times: Dict[str, list] = {label: [] for label in steps}
     for _ in range(rounds):
@@ -98,6 +95,16 @@ def run_case(case: str, rounds: int) -> Dict[str, Dict[str, object]]:
             start = time.perf_counter()
             step()
             times[label].append(time.perf_counter() - start)
+    return times
+
+
+def run_case(case: str, rounds: int) -> Dict[str, Dict[str, object]]:
+    train, batch, img_size = CASES[case]
+    steps = {
+        label: step_fn(build(name, img_size, **kwargs), train, batch, img_size)
+        for label, (name, kwargs) in models_of(case).items()
+    }
+    times = time_interleaved(steps, rounds)
     medians = {label: statistics.median(t) for label, t in times.items()}
     return {
         label: {

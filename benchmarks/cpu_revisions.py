@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ import spatial_mamba
 from spatial_mamba.ops import cpu_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_peers import CASES, step_fn  # noqa: E402
+from cpu_peers import CASES, step_fn, time_interleaved  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_PACKAGE = "spatial_mamba_base"
@@ -77,14 +76,7 @@ def main(argv=None):
             steps = {
                 name: step_fn(build(m), train, batch, img_size) for name, m in (("base", base), ("checkout", checkout))
             }
-            for step in steps.values():  # warm-up: allocator, oneDNN primitive caches, the kernels' first compile
-                step()
-            times = {name: [] for name in steps}
-            for _ in range(args.rounds):
-                for name, step in steps.items():
-                    start = time.perf_counter()
-                    step()
-                    times[name].append(time.perf_counter() - start)
+            times = time_interleaved(steps, args.rounds)
             medians = {name: statistics.median(t) for name, t in times.items()}
             ratio = medians["checkout"] / medians["base"]
             results[case] = {"median_s": medians, "runs_s": times, "checkout_over_base": ratio}

@@ -112,6 +112,42 @@ inline void row_terms(const float* u, const float* delta, const float* Bt, float
   store_n(b + t, vdt * load_n<V>(Bt + t, n) * load_n<V>(u + t, n), n);
 }
 
+// The parameter gradients of an empty scan: zeros.
+inline void zero_parameter_grads(float* dA, float* dbias, float* dB, int64_t batch, int64_t channels, int64_t length) {
+  if (dA) std::memset(dA, 0, channels * sizeof(float));
+  if (dbias) std::memset(dbias, 0, channels * sizeof(float));
+  if (dB) std::memset(dB, 0, batch * length * sizeof(float));
+}
+
+// The last step of both backward layouts, called inside their parallel region (its loops are shared among the
+// region's threads): dA and d bias summed over the batch from the per-(batch, channel) row_sums [dA, d bias], and dB
+// summed over each batch element's `parts` per-task partials of dB_partial (batch, parts, length), in a fixed order.
+inline void sum_parameter_grads(const std::vector<double>& row_sums, const std::vector<float>& dB_partial,
+                                int64_t parts, int64_t batch, int64_t channels, int64_t length, float* dA,
+                                float* dbias, float* dB) {
+#pragma omp for schedule(static)
+  for (int64_t d = 0; d < channels; ++d) {
+    double total_dA = 0.0, total_dbias = 0.0;
+    for (int64_t b = 0; b < batch; ++b) {
+      total_dA += row_sums[(b * channels + d) * 2];
+      total_dbias += row_sums[(b * channels + d) * 2 + 1];
+    }
+    if (dA) dA[d] = static_cast<float>(total_dA);
+    if (dbias) dbias[d] = static_cast<float>(total_dbias);
+  }
+  if (dB) {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < batch; ++b) {
+      float* dst = dB + b * length;
+      std::memcpy(dst, dB_partial.data() + b * parts * length, length * sizeof(float));
+      for (int64_t part = 1; part < parts; ++part) {
+        const float* src = dB_partial.data() + (b * parts + part) * length;
+        for (int64_t t = 0; t < length; ++t) dst[t] += src[t];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -172,12 +208,7 @@ void sm_scan_backward(const float* u, const float* delta, const float* A, const 
                       float* dA, float* dB, float* dbias, int64_t batch, int64_t channels, int64_t length,
                       int threads) {
   const int64_t groups = (channels + kRows - 1) / kRows, tasks = batch * groups;
-  if (batch * channels == 0 || length == 0) {
-    if (dA) std::memset(dA, 0, channels * sizeof(float));
-    if (dbias) std::memset(dbias, 0, channels * sizeof(float));
-    if (dB) std::memset(dB, 0, batch * length * sizeof(float));
-    return;
-  }
+  if (batch * channels == 0 || length == 0) return zero_parameter_grads(dA, dbias, dB, batch, channels, length);
   std::vector<double> row_sums(batch * channels * 2, 0.0);  // per row: dA, d bias
   std::vector<float> dB_partial(dB ? tasks * length : 0, 0.0f);
 #pragma omp parallel num_threads(threads) if (tasks > 1)
@@ -264,27 +295,7 @@ void sm_scan_backward(const float* u, const float* delta, const float* A, const 
         row_sums[row * 2] = total_dA, row_sums[row * 2 + 1] = total_dbias;
       }
     }
-#pragma omp for schedule(static)
-    for (int64_t d = 0; d < channels; ++d) {
-      double total_dA = 0.0, total_dbias = 0.0;
-      for (int64_t b = 0; b < batch; ++b) {
-        total_dA += row_sums[(b * channels + d) * 2];
-        total_dbias += row_sums[(b * channels + d) * 2 + 1];
-      }
-      if (dA) dA[d] = static_cast<float>(total_dA);
-      if (dbias) dbias[d] = static_cast<float>(total_dbias);
-    }
-    if (dB) {
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < batch; ++b) {
-        float* dst = dB + b * length;
-        std::memcpy(dst, dB_partial.data() + b * groups * length, length * sizeof(float));
-        for (int64_t group = 1; group < groups; ++group) {
-          const float* src = dB_partial.data() + (b * groups + group) * length;
-          for (int64_t t = 0; t < length; ++t) dst[t] += src[t];
-        }
-      }
-    }
+    sum_parameter_grads(row_sums, dB_partial, groups, batch, channels, length, dA, dbias, dB);
   }
 }
 
@@ -345,12 +356,7 @@ void sm_scan_backward_tokens(const float* u, const float* delta, const float* A,
                              float* ddelta, float* dA, float* dB, float* dbias, int64_t batch, int64_t channels,
                              int64_t length, int threads) {
   const int64_t blocks = (channels + kBlockChannels - 1) / kBlockChannels, tasks = batch * blocks;
-  if (batch * channels == 0 || length == 0) {
-    if (dA) std::memset(dA, 0, channels * sizeof(float));
-    if (dbias) std::memset(dbias, 0, channels * sizeof(float));
-    if (dB) std::memset(dB, 0, batch * length * sizeof(float));
-    return;
-  }
+  if (batch * channels == 0 || length == 0) return zero_parameter_grads(dA, dbias, dB, batch, channels, length);
   std::vector<double> row_sums(batch * channels * 2, 0.0);  // per (b, channel): dA, d bias
   std::vector<float> dB_partial(dB ? tasks * length : 0, 0.0f);
 #pragma omp parallel num_threads(threads) if (tasks > 1)
@@ -407,27 +413,7 @@ void sm_scan_backward_tokens(const float* u, const float* delta, const float* A,
         }
       }
     }
-#pragma omp for schedule(static)
-    for (int64_t d = 0; d < channels; ++d) {
-      double total_dA = 0.0, total_dbias = 0.0;
-      for (int64_t b = 0; b < batch; ++b) {
-        total_dA += row_sums[(b * channels + d) * 2];
-        total_dbias += row_sums[(b * channels + d) * 2 + 1];
-      }
-      if (dA) dA[d] = static_cast<float>(total_dA);
-      if (dbias) dbias[d] = static_cast<float>(total_dbias);
-    }
-    if (dB) {
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < batch; ++b) {
-        float* dst = dB + b * length;
-        std::memcpy(dst, dB_partial.data() + b * blocks * length, length * sizeof(float));
-        for (int64_t block = 1; block < blocks; ++block) {
-          const float* src = dB_partial.data() + (b * blocks + block) * length;
-          for (int64_t t = 0; t < length; ++t) dst[t] += src[t];
-        }
-      }
-    }
+    sum_parameter_grads(row_sums, dB_partial, blocks, batch, channels, length, dA, dbias, dB);
   }
 }
 

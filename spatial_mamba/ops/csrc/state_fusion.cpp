@@ -291,6 +291,28 @@ struct Grads {
   float* dskip;  // dD (C,)
 };
 
+// The tap and D gradients of an empty input: zeros.
+inline void zero_tap_grads(const Grads& out, int64_t channels) {
+  if (out.dtaps) std::memset(out.dtaps, 0, channels * kTaps * sizeof(float));
+  if (out.dskip) std::memset(out.dskip, 0, channels * sizeof(float));
+}
+
+// dtaps and dD from per-task partials[part][c][k] (dtaps for k < 25, dD for k = 25), summed over the `parts` in a
+// fixed order. Called inside the backward's parallel region, whose threads share the loop over channels.
+inline void sum_tap_partials(const std::vector<double>& partials, int64_t parts, int64_t channels, const Grads& out) {
+#pragma omp for schedule(static)
+  for (int64_t c = 0; c < channels; ++c) {
+    double sums[kPartials] = {};
+    for (int64_t part = 0; part < parts; ++part) {
+      const double* partial = partials.data() + (part * channels + c) * kPartials;
+      for (int k = 0; k < kPartials; ++k) sums[k] += partial[k];
+    }
+    if (out.dtaps)
+      for (int k = 0; k < kTaps; ++k) out.dtaps[c * kTaps + k] = static_cast<float>(sums[k]);
+    if (out.dskip) out.dskip[c] = static_cast<float>(sums[kTaps]);
+  }
+}
+
 template <int VW>
 void backward(const Inputs& in, const Grads& out, int threads) {
   typedef typename Vec<VW>::type V;
@@ -378,20 +400,7 @@ void backward(const Inputs& in, const Grads& out, int threads) {
         }
       }
     }
-    // Fixed-order sums of the partials.
-    if (need_partials) {
-#pragma omp for schedule(static)
-      for (int64_t c = 0; c < channels; ++c) {
-        double sums[kPartials] = {};
-        for (int64_t part = 0; part < in.batch * g.blocks; ++part) {
-          const double* partial = partials.data() + (part * channels + c) * kPartials;
-          for (int k = 0; k < kPartials; ++k) sums[k] += partial[k];
-        }
-        if (out.dtaps)
-          for (int k = 0; k < kTaps; ++k) out.dtaps[c * kTaps + k] = static_cast<float>(sums[k]);
-        if (out.dskip) out.dskip[c] = static_cast<float>(sums[kTaps]);
-      }
-    }
+    if (need_partials) sum_tap_partials(partials, in.batch * g.blocks, channels, out);
     if (out.dobs) {
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < in.batch; ++b) {
@@ -587,9 +596,9 @@ void backward_tokens(const Inputs& in, const Grads& out, int threads) {
     preimages(in.height, kDy, row_first, row_last);
     preimages(in.width, kDx, col_first, col_last);
   }
-  // partials[task][k * padded + c]: dtaps for k < 25, dD for k = 25.
+  // partials[task][c][k], as in backward; each task accumulates acc[k * padded + c] first.
   const bool need_partials = out.dtaps || out.dskip;
-  std::vector<double> partials(need_partials ? tasks * kPartials * padded : 0, 0.0);
+  std::vector<double> partials(need_partials ? tasks * channels * kPartials : 0, 0.0);
 #pragma omp parallel num_threads(threads) if (tasks > 1)
   {
     std::vector<float> acc(need_partials ? kPartials * padded : 0);
@@ -624,22 +633,13 @@ void backward_tokens(const Inputs& in, const Grads& out, int threads) {
         }
       }
       if (need_partials) {
-        double* partial = partials.data() + task * kPartials * padded;
-        for (int64_t i = 0; i < kPartials * padded; ++i) partial[i] = acc[i];
-      }
-    }
-    if (need_partials) {
-#pragma omp for schedule(static)
-      for (int64_t c = 0; c < channels; ++c) {
-        double sums[kPartials] = {};
-        for (int64_t task = 0; task < tasks; ++task) {
-          for (int k = 0; k < kPartials; ++k) sums[k] += partials[(task * kPartials + k) * padded + c];
+        double* partial = partials.data() + task * channels * kPartials;
+        for (int64_t c = 0; c < channels; ++c) {
+          for (int k = 0; k < kPartials; ++k) partial[c * kPartials + k] = acc[k * padded + c];
         }
-        if (out.dtaps)
-          for (int k = 0; k < kTaps; ++k) out.dtaps[c * kTaps + k] = static_cast<float>(sums[k]);
-        if (out.dskip) out.dskip[c] = static_cast<float>(sums[kTaps]);
       }
     }
+    if (need_partials) sum_tap_partials(partials, tasks, channels, out);
   }
 }
 
@@ -675,11 +675,7 @@ void sm_fusion_backward(const float* h, const float* taps, const float* obs, con
                         int64_t channels, int64_t height, int64_t width, int threads) {
   const Inputs in{h, taps, obs, u, skip, batch, channels, height, width};
   const Grads grads{dy, dh, dtaps, dobs, du, dskip};
-  if (batch * channels * height * width == 0) {
-    if (dtaps) std::memset(dtaps, 0, channels * kTaps * sizeof(float));
-    if (dskip) std::memset(dskip, 0, channels * sizeof(float));
-    return;
-  }
+  if (batch * channels * height * width == 0) return zero_tap_grads(grads, channels);
   if (width <= 8 || kLanes < 16) {
     backward<8>(in, grads, threads);
   } else {
@@ -699,13 +695,9 @@ void sm_fusion_forward_tokens(const float* h, const float* taps, const float* ob
 void sm_fusion_backward_tokens(const float* h, const float* taps, const float* obs, const float* u, const float* skip,
                                const float* dy, float* dh, float* dtaps, float* dobs, float* du, float* dskip,
                                int64_t batch, int64_t channels, int64_t height, int64_t width, int threads) {
-  if (batch * channels * height * width == 0) {
-    if (dtaps) std::memset(dtaps, 0, channels * kTaps * sizeof(float));
-    if (dskip) std::memset(dskip, 0, channels * sizeof(float));
-    return;
-  }
-  backward_tokens(Inputs{h, taps, obs, u, skip, batch, channels, height, width}, Grads{dy, dh, dtaps, dobs, du, dskip},
-                  threads);
+  const Grads grads{dy, dh, dtaps, dobs, du, dskip};
+  if (batch * channels * height * width == 0) return zero_tap_grads(grads, channels);
+  backward_tokens(Inputs{h, taps, obs, u, skip, batch, channels, height, width}, grads, threads);
 }
 
 }  // extern "C"
