@@ -5,6 +5,7 @@ Extra information (the loss of the validation, the all-epochs ETA, images/s) goe
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import random
@@ -16,6 +17,7 @@ from typing import Dict
 import numpy as np
 import torch
 import torch.distributed as dist
+from spatial_mamba import compat
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import AverageMeter
 from torch import nn
@@ -46,8 +48,14 @@ class Amp:
     dtype: torch.dtype
     device_type: str
 
-    def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+    def autocast(self, device_type: str | None = None):
+        """Autocast for tensors on ``device_type`` (default: the AMP device); no autocast on any other device.
+
+        Disabled, it is no context at all: torch < 2.2 refuses a CPU autocast with a float16 dtype even when disabled.
+        """
+        if not self.enabled or (device_type or self.device_type) != self.device_type:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
     @property
     def needs_scaler(self) -> bool:
@@ -70,7 +78,7 @@ class GradScalerWithNorm:
     ``clip_grad`` (or only measure the norm), step and update the scale. A disabled scaler is a plain backward."""
 
     def __init__(self, amp: Amp):
-        self._scaler = torch.amp.GradScaler(amp.device_type, enabled=amp.needs_scaler)
+        self._scaler = compat.grad_scaler(amp.device_type, enabled=amp.needs_scaler)
 
     def __call__(self, loss, optimizer, parameters, clip_grad: float | None, update_grad: bool):
         self._scaler.scale(loss).backward()
@@ -170,8 +178,7 @@ def train_one_epoch(
         if mesa > 0:
             teacher = model_ema.module
             teacher_device = next(teacher.parameters()).device
-            on_amp_device = amp.enabled and teacher_device.type == amp.device_type
-            with torch.no_grad(), torch.autocast(teacher_device.type, dtype=amp.dtype, enabled=on_amp_device):
+            with torch.no_grad(), amp.autocast(teacher_device.type):
                 teacher_out = teacher(samples.to(teacher_device)).to(device)
             loss = loss + mesa * distill(outputs.float(), teacher_out.float().softmax(dim=-1))
         update = (idx + 1) % accum == 0
@@ -246,7 +253,7 @@ def validate(config, data_loader, model: nn.Module, amp: Amp, name: str = "netwo
     for images, targets in data_loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled and device.type == amp.device_type):
+        with amp.autocast(device.type):
             outputs = model(images)
         outputs = outputs.float()
         topk = outputs.topk(min(5, outputs.shape[1]), dim=1).indices

@@ -6,8 +6,8 @@ import pickle
 from typing import Any
 
 import numpy as np
-import torch
 from mmengine.logging import HistoryBuffer
+from spatial_mamba import compat
 
 __all__ = ["allow_mmengine_checkpoints"]
 
@@ -32,7 +32,7 @@ def allow_mmengine_checkpoints() -> None:
     """
     numpy_core = getattr(np, "_core", None) or np.core
     scalar_types = [np.float64, np.float32, np.int64, np.int32, np.bool_]
-    torch.serialization.add_safe_globals(
+    compat.add_safe_globals(
         [
             HistoryBuffer,
             (_history_buffer_statistic, "builtins.getattr"),

@@ -24,6 +24,8 @@ from typing import Any, Dict, Mapping
 import torch
 from torch import nn
 
+from . import compat
+
 __all__ = ["CheckpointError", "load_file", "extract_state_dict", "checkpoint_filter_fn", "load_checkpoint"]
 
 logger = logging.getLogger("spatial_mamba")
@@ -39,7 +41,7 @@ class CheckpointError(RuntimeError):
 def _allowed_globals() -> Dict[str, Any]:
     """What ``weights_only`` allows (tensors, containers, torch types), plus yacs ``CfgNode`` and ``set``."""
     allowed = dict(torch._weights_only_unpickler._get_allowed_globals())
-    for obj in torch.serialization.get_safe_globals():
+    for obj in compat.safe_globals():
         if not isinstance(obj, tuple):
             allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
     for module in ("builtins", "__builtin__"):  # protocol 2 pickles name the Python 2 module
@@ -70,8 +72,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: {key}{hint}")
 
 
-# The stand-in for torch.load(weights_only=True), see the module docstring.
-torch.serialization.add_safe_globals([(collections.OrderedDict, "yacs.config.CfgNode")])
+# The stand-in for torch.load(weights_only=True), see the module docstring. torch < 2.4 cannot extend that loader;
+# there timm's paths load with weights_only=False and read CfgNode itself (yacs installed), and load_file below
+# works alike on every torch.
+compat.add_safe_globals([(collections.OrderedDict, "yacs.config.CfgNode")])
 
 
 class _restricted_pickle:  # a ``pickle_module`` for torch.load

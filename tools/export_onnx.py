@@ -24,6 +24,7 @@ import timm
 import torch
 
 import spatial_mamba  # noqa: F401  (registers the models with timm)
+from spatial_mamba import compat
 
 
 def _size(text: str) -> Tuple[int, int]:
@@ -71,6 +72,7 @@ def build_model(name: str, checkpoint: str | None, num_classes: int | None) -> t
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, out: Path, opset: int) -> None:
+    compat.require_dynamic_export(onnx=True)
     dynamic = torch.export.Dim.DYNAMIC
     program = torch.onnx.export(
         model,

@@ -9,11 +9,11 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import register_notrace_module, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from ..checkpoint import checkpoint_filter_fn
+from .. import compat
+from ..checkpoint import checkpoint_filter_fn, extract_state_dict, load_file
 from .block import SpatialMambaLayer
 from .layers import Stem
 from .ssm import StructureAwareSSM
@@ -25,11 +25,11 @@ def _is_traced() -> bool:
     """True under FX symbolic tracing, TorchScript, torch.compile and torch.export, where the eager input checks
     would see proxies or symbolic shapes (and the compiled graph checks shapes itself)."""
     return (
-        is_fx_symbolic_tracing()
+        compat.is_fx_tracing()
         or torch.jit.is_scripting()
         or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
+        or compat.is_compiling()
+        or compat.is_exporting()
     )
 
 
@@ -382,7 +382,25 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 }
 
 
+def _read_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> None:
+    """On torch < 2.4, reads a pretrained cfg's ``file`` with our restricted loader and hands timm its state dict.
+
+    timm reads the file with ``torch.load(weights_only=True)``, which only torch >= 2.4 lets us extend to the yacs
+    ``CfgNode`` of official checkpoints. The state dict is chosen as timm chooses it (EMA weights first)."""
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
+    )
+    if not cfg.file or cfg.state_dict is not None:
+        return
+    checkpoint = load_file(cfg.file)
+    keys = [k for k in ("state_dict_ema", "model_ema", "state_dict", "model") if isinstance(checkpoint, dict) and k in checkpoint]
+    state_dict = extract_state_dict(checkpoint[keys[0]] if keys else checkpoint, source=f"checkpoint {cfg.file!r}")
+    kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), "state_dict": state_dict}
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> SpatialMamba:
+    if pretrained and not compat.HAS_SAFE_GLOBALS:
+        _read_pretrained_file(variant, kwargs)
     model_args = {**VARIANTS[variant], **kwargs}
     return build_model_with_cfg(
         SpatialMamba,

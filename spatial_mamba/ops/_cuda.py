@@ -4,7 +4,8 @@ The extensions ``spatial_mamba._selective_scan_cuda``, ``._dwconv2d_cuda`` and `
 ``SPATIAL_MAMBA_BUILD_CUDA=1 python setup.py build_ext --inplace``. Without them this module still imports: the
 ``cuda`` backends are registered as unavailable, with the build command as the reason.
 
-Custom ops (namespace ``spatial_mamba``, so that torch.compile and torch.export see them whole):
+Custom ops (namespace ``spatial_mamba``, so that torch.compile and torch.export see them whole; torch >= 2.4, before
+which they run eagerly, see ``compat.custom_op``):
 ``selective_scan_cuda_fwd``/``_bwd``, ``dwconv2d_cuda_fwd``, ``dwconv2d_cuda_dgrad``, ``dwconv2d_cuda_wgrad`` and
 ``state_fusion_cuda_fwd``/``_bwd`` and ``fused_observation_cuda_fwd``/``_bwd``, with fake (meta) implementations and
 autograd formulas.
@@ -21,10 +22,11 @@ implementations raise a ValueError for such inputs.
 import importlib
 import warnings
 from types import ModuleType
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .. import compat
 from . import backend
 
 __all__ = [
@@ -118,12 +120,17 @@ _dwconv_ext, _dwconv_why = _import_extension("_dwconv2d_cuda")
 _fusion_ext, _fusion_why = _import_extension("_state_fusion_cuda")
 
 
+# The forward op of each kernel, by name: a torch.library custom op (torch.ops.spatial_mamba.<name>) on torch >= 2.4,
+# an eager stand-in before (compat.custom_op).
+_OPS: Dict[str, Callable] = {}
+
+
 def _availability(extension: Optional[ModuleType], why: str) -> Callable[[], Tuple[bool, str]]:
     return lambda: (extension is not None, why)
 
 
 def _register_selective_scan_ops(ext: ModuleType):
-    @torch.library.custom_op("spatial_mamba::selective_scan_cuda_fwd", mutates_args=())
+    @compat.custom_op("spatial_mamba::selective_scan_cuda_fwd", mutates_args=())
     def selective_scan_cuda_fwd(
         u: torch.Tensor,
         delta: torch.Tensor,
@@ -138,7 +145,7 @@ def _register_selective_scan_ops(ext: ModuleType):
     def _(u, delta, A, B, delta_bias, delta_softplus):
         return u.new_empty((u.shape[0], u.shape[1], A.shape[1], u.shape[2]), dtype=torch.float32)
 
-    @torch.library.custom_op("spatial_mamba::selective_scan_cuda_bwd", mutates_args=())
+    @compat.custom_op("spatial_mamba::selective_scan_cuda_bwd", mutates_args=())
     def selective_scan_cuda_bwd(
         u: torch.Tensor,
         delta: torch.Tensor,
@@ -175,10 +182,11 @@ def _register_selective_scan_ops(ext: ModuleType):
         return du, ddelta, dA, dB, None if delta_bias is None else ddelta_bias, None
 
     selective_scan_cuda_fwd.register_autograd(backward, setup_context=setup_context)
+    _OPS["selective_scan_cuda_fwd"] = selective_scan_cuda_fwd
 
 
 def _register_dwconv2d_ops(ext: ModuleType):
-    @torch.library.custom_op("spatial_mamba::dwconv2d_cuda_fwd", mutates_args=())
+    @compat.custom_op("spatial_mamba::dwconv2d_cuda_fwd", mutates_args=())
     def dwconv2d_cuda_fwd(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
         return ext.fwd(x, weight, dilation)
 
@@ -186,7 +194,7 @@ def _register_dwconv2d_ops(ext: ModuleType):
     def _(x, weight, dilation):
         return torch.empty_like(x)
 
-    @torch.library.custom_op("spatial_mamba::dwconv2d_cuda_dgrad", mutates_args=())
+    @compat.custom_op("spatial_mamba::dwconv2d_cuda_dgrad", mutates_args=())
     def dwconv2d_cuda_dgrad(dy: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
         return ext.dgrad(dy, weight, dilation)
 
@@ -194,7 +202,7 @@ def _register_dwconv2d_ops(ext: ModuleType):
     def _(dy, weight, dilation):
         return torch.empty_like(dy)
 
-    @torch.library.custom_op("spatial_mamba::dwconv2d_cuda_wgrad", mutates_args=())
+    @compat.custom_op("spatial_mamba::dwconv2d_cuda_wgrad", mutates_args=())
     def dwconv2d_cuda_wgrad(dy: torch.Tensor, x: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
         return ext.wgrad(dy, x, kernel_size, dilation)
 
@@ -217,10 +225,11 @@ def _register_dwconv2d_ops(ext: ModuleType):
         return dx, dw, None
 
     dwconv2d_cuda_fwd.register_autograd(backward, setup_context=setup_context)
+    _OPS["dwconv2d_cuda_fwd"] = dwconv2d_cuda_fwd
 
 
 def _register_state_fusion_ops(ext: ModuleType):
-    @torch.library.custom_op("spatial_mamba::state_fusion_cuda_fwd", mutates_args=())
+    @compat.custom_op("spatial_mamba::state_fusion_cuda_fwd", mutates_args=())
     def state_fusion_cuda_fwd(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
         return ext.fwd(h, taps)
 
@@ -228,7 +237,7 @@ def _register_state_fusion_ops(ext: ModuleType):
     def _(h, taps):
         return torch.empty_like(h)
 
-    @torch.library.custom_op("spatial_mamba::state_fusion_cuda_bwd", mutates_args=())
+    @compat.custom_op("spatial_mamba::state_fusion_cuda_bwd", mutates_args=())
     def state_fusion_cuda_bwd(
         h: torch.Tensor, taps: torch.Tensor, dy: torch.Tensor, need_dh: bool, need_dtaps: bool
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -250,10 +259,11 @@ def _register_state_fusion_ops(ext: ModuleType):
         return dh if need_dh else None, dtaps if need_dtaps else None
 
     state_fusion_cuda_fwd.register_autograd(backward, setup_context=setup_context)
+    _OPS["state_fusion_cuda_fwd"] = state_fusion_cuda_fwd
 
 
 def _register_fused_observation_ops(ext: ModuleType):
-    @torch.library.custom_op("spatial_mamba::fused_observation_cuda_fwd", mutates_args=())
+    @compat.custom_op("spatial_mamba::fused_observation_cuda_fwd", mutates_args=())
     def fused_observation_cuda_fwd(
         h: torch.Tensor, taps: torch.Tensor, C: torch.Tensor, u: torch.Tensor, D: torch.Tensor
     ) -> torch.Tensor:
@@ -263,7 +273,7 @@ def _register_fused_observation_ops(ext: ModuleType):
     def _(h, taps, C, u, D):
         return torch.empty_like(h)
 
-    @torch.library.custom_op("spatial_mamba::fused_observation_cuda_bwd", mutates_args=())
+    @compat.custom_op("spatial_mamba::fused_observation_cuda_bwd", mutates_args=())
     def fused_observation_cuda_bwd(
         h: torch.Tensor,
         taps: torch.Tensor,
@@ -295,6 +305,7 @@ def _register_fused_observation_ops(ext: ModuleType):
         return tuple(grad if need else None for grad, need in zip(grads, needs))
 
     fused_observation_cuda_fwd.register_autograd(backward, setup_context=setup_context)
+    _OPS["fused_observation_cuda_fwd"] = fused_observation_cuda_fwd
 
 
 def state_fusion_cuda(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
@@ -307,7 +318,7 @@ def state_fusion_cuda(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     reasons = supports_state_fusion(h, taps)
     if reasons:
         raise ValueError(f"state_fusion: the cuda kernels cannot take {'; '.join(reasons)}")
-    return torch.ops.spatial_mamba.state_fusion_cuda_fwd(h.contiguous(), taps.contiguous())
+    return _OPS["state_fusion_cuda_fwd"](h.contiguous(), taps.contiguous())
 
 
 def fused_observation_cuda(
@@ -327,7 +338,7 @@ def fused_observation_cuda(
     reasons = supports_fused_observation(h, taps, C, u, D)
     if reasons:
         raise ValueError(f"fused_observation: the cuda kernels cannot take {'; '.join(reasons)}")
-    return torch.ops.spatial_mamba.fused_observation_cuda_fwd(
+    return _OPS["fused_observation_cuda_fwd"](
         h.contiguous(), taps.contiguous(), C.contiguous(), u.contiguous(), D.contiguous()
     )
 
@@ -348,7 +359,7 @@ def selective_scan_cuda(
         )
     if delta_bias is not None:
         delta_bias = delta_bias.contiguous()
-    return torch.ops.spatial_mamba.selective_scan_cuda_fwd(
+    return _OPS["selective_scan_cuda_fwd"](
         u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), delta_bias, bool(delta_softplus)
     )
 
@@ -360,7 +371,7 @@ def dwconv2d_cuda(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch
             f"the cuda dwconv2d backend supports kernel sizes {DWCONV_KERNEL_SIZES}; got weight of shape "
             f"{tuple(weight.shape)}. Use {backend.ENV_VAR}=reference for other sizes"
         )
-    return torch.ops.spatial_mamba.dwconv2d_cuda_fwd(x.contiguous(), weight, int(dilation))
+    return _OPS["dwconv2d_cuda_fwd"](x.contiguous(), weight, int(dilation))
 
 
 if _scan_ext is not None:

@@ -41,6 +41,8 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
+from .. import compat
+
 __all__ = [
     "BACKENDS",
     "Choice",
@@ -239,7 +241,7 @@ def _announce(choice: Choice, warn: bool = False):
     # torch.compile cannot trace a logging call without breaking the graph there: choices made while it traces are
     # not announced (the first eager call announces them). Tested first: reading the set while tracing would make
     # the compiled graph depend on its contents, and an eager call that adds to it would force a recompilation.
-    if torch.compiler.is_compiling() or (choice.op, choice.backend) in _ANNOUNCED:
+    if compat.is_compiling() or (choice.op, choice.backend) in _ANNOUNCED:
         return
     _ANNOUNCED.add((choice.op, choice.backend))
     message = f"spatial_mamba: {choice.op} runs on the {choice.summary()}"
@@ -280,7 +282,7 @@ def explain(op: str, *tensors) -> Choice:
 
 def _warn_unavailable(choice: Choice):
     """On CPU tensors: a RuntimeWarning, once per process and reason, for each backend of the walk that cannot run."""
-    if torch.compiler.is_compiling():
+    if compat.is_compiling():
         return
     for name, reason in choice.unavailable.items():
         if (name, reason) in _WARNED_UNAVAILABLE:

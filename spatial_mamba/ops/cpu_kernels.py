@@ -33,6 +33,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .. import compat
 from . import backend
 from .state_fusion import FUSION_OFFSETS
 
@@ -196,7 +197,7 @@ def available() -> Tuple[bool, str]:
 
 
 def _tracing() -> str:
-    if torch.compiler.is_compiling():
+    if compat.is_compiling():
         return "torch.compile/torch.export is tracing (compiled CPU kernels are opaque to it)"
     if torch.jit.is_tracing():
         return "TorchScript/ONNX tracing (compiled CPU kernels are opaque to it)"

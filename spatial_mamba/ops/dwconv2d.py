@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import compat
 from . import backend
 
 __all__ = ["depthwise_conv2d_replicate", "depthwise_conv2d_replicate_ref"]
@@ -58,7 +59,7 @@ class _DepthwiseConvReplicateCPU(torch.autograd.Function):
             grad_padded = F.conv2d(
                 F.pad(grad_out, (2 * pad,) * 4), weight.flip(-1, -2), dilation=dilation, groups=channels
             )
-            if torch.compiler.is_compiling():
+            if compat.is_compiling():
                 grad_x = _replicate_pad_adjoint(grad_padded, pad, height, width)
             else:
                 grad_x = torch.ops.aten.replication_pad2d_backward(grad_padded, x, [pad] * 4)
@@ -82,9 +83,10 @@ def depthwise_conv2d_replicate_ref(x: torch.Tensor, weight: torch.Tensor, dilati
     Keeps autocast's behaviour: under CPU bfloat16 or CUDA float16 autocast the convolution runs in low precision,
     as the official training path does.
     """
+    compat.require_cpu_float16(x)
     if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        if torch.is_autocast_enabled("cpu"):
-            dtype = torch.get_autocast_dtype("cpu")
+        dtype = compat.autocast_dtype("cpu")
+        if dtype is not None:
             x, weight = x.to(dtype), weight.to(dtype)
         with torch.autocast("cpu", enabled=False):
             return _DepthwiseConvReplicateCPU.apply(x, weight, dilation)
@@ -95,6 +97,7 @@ def depthwise_conv2d_replicate_ref(x: torch.Tensor, weight: torch.Tensor, dilati
 backend.register("dwconv2d", "reference", depthwise_conv2d_replicate_ref)
 
 
+@compat.eager_op
 def depthwise_conv2d_replicate(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1) -> torch.Tensor:
     """Depthwise cross-correlation, stride 1, replicate padding of dilation * (k // 2): output has x's shape.
 

@@ -23,6 +23,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import compat
 from . import backend
 
 __all__ = ["selective_scan_fn", "selective_scan_ref"]
@@ -86,7 +87,7 @@ def _chunked_scan(decay: torch.Tensor, drive: torch.Tensor, chunk_decay: torch.T
 
     # Eager calls reuse buffers through out= rather than allocating a tensor per step; torch.compile does not trace
     # out= into a strided view and plans its own buffers, so it gets the functional form.
-    compiling = torch.compiler.is_compiling()
+    compiling = compat.is_compiling()
     end = drive[..., first, :].clone()
     for i in rest:
         end = torch.addcmul(drive[..., i, :], decay[..., i, :], end, out=None if compiling else end)
@@ -124,7 +125,7 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     out = w.log_().sub_(correction)
     # The branch spares eager calls a pass when no value is above the threshold; torch.compile would break its graph
     # on the data-dependent test, and fuses the select anyway.
-    if torch.compiler.is_compiling() or (x.numel() and bool(x.max() > _SOFTPLUS_THRESHOLD)):
+    if compat.is_compiling() or (x.numel() and bool(x.max() > _SOFTPLUS_THRESHOLD)):
         out = torch.where(x > _SOFTPLUS_THRESHOLD, x, out)
     return out
 
@@ -189,7 +190,7 @@ def _backward(dhs, u, delta, A, B, delta_bias, delta_softplus, hs, dt):
     w = torch.mul(decay, _chunk_view(dhs.to(dtype), chunk, count), out=torch.empty_like(decay))
     w = _from_chunks(_chunked_scan(decay, w, chunk_decay, reverse=True), length)
     del decay, chunk_decay
-    if torch.compiler.is_compiling():  # no out= into a strided view under torch.compile (see ``_chunked_scan``)
+    if compat.is_compiling():  # no out= into a strided view under torch.compile (see ``_chunked_scan``)
         g = torch.cat([torch.add(dhs[..., :-1], w[..., 1:]), dhs[..., -1:]], -1).to(dtype)
     else:
         g = torch.empty_like(hs)
@@ -242,6 +243,7 @@ def _check_dtype(name: str, tensor: torch.Tensor, allowed: Tuple[torch.dtype, ..
         raise TypeError(f"selective_scan_fn: {name} must be {names}; got {str(tensor.dtype).replace('torch.', '')}")
 
 
+@compat.eager_op
 def selective_scan_fn(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -310,7 +312,7 @@ def selective_scan_fn(
     u, delta, B = backend.as_layout(u, tokens), backend.as_layout(delta, tokens), B.contiguous()
     # Export hook: torch.export / ONNX and TorchScript tracing need a graph with no Python loop over a length-dependent
     # chunk count and no data-dependent branch; the export formulation computes the same states (float32-accurate).
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+    if compat.is_exporting() or torch.jit.is_tracing():
         from .selective_scan_export import selective_scan_export
 
         hs = selective_scan_export(u, delta, A, B, delta_bias, delta_softplus)

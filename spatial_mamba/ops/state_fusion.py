@@ -25,6 +25,7 @@ from typing import Tuple
 
 import torch
 
+from .. import compat
 from . import backend
 from .dwconv2d import depthwise_conv2d_replicate, depthwise_conv2d_replicate_ref
 
@@ -159,6 +160,7 @@ def _fusion_taps_for(h, kernel_3, kernel_3_1, kernel_3_2, alpha) -> torch.Tensor
     return taps.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
 
 
+@compat.eager_op
 def fused_observation(h, kernel_3, kernel_3_1, kernel_3_2, alpha, C, u, D) -> torch.Tensor:
     """The state fusion followed by the observation step: y = fusion(h)·C + D·u, (B, C, H, W) in h's dtype.
 
@@ -189,6 +191,7 @@ def fused_observation(h, kernel_3, kernel_3_1, kernel_3_2, alpha, C, u, D) -> to
     return backend.select("fused_observation", h, taps, C, u, D)(h, taps, C, u, D)
 
 
+@compat.eager_op
 def state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, path: str = "auto") -> torch.Tensor:
     """Fuses the scan states h (B, C, H, W) with their dilated neighbourhoods; returns (B, C, H, W).
 

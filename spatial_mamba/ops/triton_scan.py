@@ -39,7 +39,8 @@ MAX_SEGMENTS = 32
 
 
 @functools.cache
-def _installed() -> Tuple[bool, str]:
+def triton_installed() -> Tuple[bool, str]:
+    """(usable, why): Triton is installed in a release the kernels support (every Triton backend needs this)."""
     try:
         import triton
     except ImportError:
@@ -68,7 +69,7 @@ def triton_is_interpreted() -> bool:
 
 
 def available() -> Tuple[bool, str]:
-    ok, reason = _installed()
+    ok, reason = triton_installed()
     if not ok:
         return ok, reason
     interpret = backend._triton_interpret()

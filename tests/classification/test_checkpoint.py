@@ -12,6 +12,7 @@ from yacs.config import CfgNode
 from classification import checkpoint as ckpt
 from classification.config import load_config
 from classification.models import build_model
+from spatial_mamba import compat
 from spatial_mamba.checkpoint import CheckpointError
 
 
@@ -81,7 +82,7 @@ def test_our_checkpoints_write_both_spellings_of_the_best_ema_accuracy(tmp_path)
     model, ema = tiny_model(), tiny_model()
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = compat.grad_scaler("cpu", enabled=False)
     config = load_config()
     path = str(tmp_path / ckpt.LATEST)
     ckpt.save_checkpoint(path, config, 3, model, optimizer, scheduler, scaler, 70.0, ema, 71.0)

@@ -22,19 +22,18 @@ import os
 import pytest
 import torch
 
+from spatial_mamba import compat
 from spatial_mamba.ops import backend, depthwise_conv2d_replicate, selective_scan_fn
 
 from . import parity
 
-try:
-    import triton  # noqa: F401
-except ImportError:  # the triton tests skip, saying why
-    INTERPRETED = False
-    HAS_TRITON = False
-else:
-    from tests.ops._triton_interpreter import INTERPRETED, assert_interpreted_tests_pass
+from spatial_mamba.ops.triton_scan import triton_installed
 
-    HAS_TRITON = True
+HAS_TRITON, TRITON_WHY = triton_installed()  # the triton tests skip without a usable Triton, saying why
+if HAS_TRITON:
+    from tests.ops._triton_interpreter import INTERPRETED, assert_interpreted_tests_pass
+else:
+    INTERPRETED = False
 
 GPU = torch.cuda.is_available()
 THIS_FILE = os.path.abspath(__file__)
@@ -47,7 +46,7 @@ def _backend_params():
         if name == "cuda" and not GPU:
             marks.append(pytest.mark.skip(reason="needs a CUDA GPU (the emulation tests cover the CUDA source)"))
         if name == "triton" and not HAS_TRITON:
-            marks.append(pytest.mark.skip(reason="triton is not installed"))
+            marks.append(pytest.mark.skip(reason=TRITON_WHY))
         elif name == "triton" and not GPU and not INTERPRETED:
             marks.append(pytest.mark.skip(reason="no GPU: runs in the interpreter, in a child process"))
         if name != "triton" and INTERPRETED:
@@ -74,6 +73,9 @@ def require(op: str, name: str, *tensors):
         pytest.skip(f"{name} is unavailable here: {why}")
     if name == "cpu" and any(t is not None and t.dtype != torch.float32 for t in tensors):
         pytest.skip("the cpu backend takes float32 only (the reference runs the other dtypes)")
+    if op == "dwconv2d" and tensors[0].dtype == torch.float16 and tensors[0].device.type == "cpu":
+        if not compat.cpu_float16():
+            pytest.skip(f"torch {torch.__version__} has no float16 convolution on the CPU (torch >= 2.2)")
     with backend.force(name, op):
         assert backend.explain(op, *tensors).backend == name
 
@@ -120,7 +122,7 @@ if GPU:
     TRITON_SPLIT_CASES += [((2, 128, 66_600), 4, dtype, True) for dtype in parity.DTYPES]
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not HAS_TRITON, reason=TRITON_WHY)
 @pytest.mark.skipif(not GPU and not INTERPRETED, reason="no GPU: runs in the interpreter, in a child process")
 @pytest.mark.parametrize("shape, segments, dtype, softplus", TRITON_SPLIT_CASES, ids=str)
 def test_triton_split_rows_parity(shape, segments, dtype, softplus):

@@ -199,6 +199,7 @@ def test_cuda_dwconv_declines_kernel_sizes_without_kernels():
 
 def test_d_state_above_one_on_a_forced_kernel_backend_names_the_reason(monkeypatch):
     monkeypatch.setattr(backend, "_on_cuda", lambda tensors: True)  # as if on a GPU; the kernels are never called
+    monkeypatch.setattr(backend._REGISTRY["selective_scan"]["triton"], "available", lambda: (True, "triton"))
     u = torch.zeros(1, 3, 5)
     with backend.force("triton"), pytest.raises(RuntimeError, match=r"d_state N = 2"):
         selective_scan_fn(u, u, -torch.ones(3, 2), torch.zeros(1, 2, 5))

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+from spatial_mamba import compat
 from spatial_mamba.ops import backend, cpu_kernels, fused_observation, state_fusion
 from tests.kernels import parity
 
@@ -163,7 +164,7 @@ def test_tracing_declines_before_the_kernels_are_compiled(monkeypatch, tmp_path)
     # Under torch.compile/export the dispatcher must hand the op to the reference without compiling (the compiler
     # here would fail, and its failure would be a warning) and without a word.
     monkeypatch.setenv(cpu_kernels.CXX_ENV, str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(compat, "is_compiling", lambda: True)
     h, taps, _ = parity.fusion_inputs(1, 2, 5, 5, torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

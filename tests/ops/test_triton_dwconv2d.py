@@ -6,7 +6,10 @@ tests/kernels/test_backend_parity.py (in Triton's interpreter when there is no G
 
 import pytest
 
-pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
+from spatial_mamba.ops.triton_scan import triton_installed  # noqa: E402
+
+if not triton_installed()[0]:
+    pytest.skip(f"the Triton backend cannot run: {triton_installed()[1]}", allow_module_level=True)
 
 from spatial_mamba.ops import triton_dwconv2d  # noqa: E402
 

@@ -13,7 +13,10 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot run")
+from spatial_mamba.ops.triton_scan import triton_installed  # noqa: E402
+
+if not triton_installed()[0]:
+    pytest.skip(f"the Triton backend cannot run: {triton_installed()[1]}", allow_module_level=True)
 
 from spatial_mamba.ops import triton_state_fusion  # noqa: E402
 
