@@ -17,10 +17,11 @@ from typing import Dict
 import numpy as np
 import torch
 import torch.distributed as dist
-from spatial_mamba import compat
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import AverageMeter
 from torch import nn
+
+from spatial_mamba import compat
 
 from .distributed import all_reduce_sum
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from mmengine.logging import HistoryBuffer
+
 from spatial_mamba import compat
 
 __all__ = ["allow_mmengine_checkpoints"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -40,7 +40,7 @@ HAS_SAFE_GLOBALS = hasattr(torch.serialization, "add_safe_globals")
 _SAID: set = set()
 
 
-def unavailable(feature: str, needs: str, instead: str = "", error: bool = False) -> Optional[str]:
+def unavailable(feature: str, needs: str, instead: str = "", error: bool = False) -> str | None:
     """Says once per process that ``feature`` needs ``needs`` (e.g. "torch >= 2.4") and what happens ``instead``.
 
     With ``error=True`` it raises a RuntimeError with the same line instead (for features with no fallback)."""
@@ -85,7 +85,7 @@ is_fx_tracing = _fx_tracing_test()
 is_fx_tracing.__doc__ = "True while torch.fx symbolically traces the code (timm's feature extraction does)."
 
 
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts to on ``device_type`` when it is on there, else None."""
     if hasattr(torch, "get_autocast_dtype"):  # torch 2.4: one API for every device
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -94,7 +94,7 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_float16() -> bool:
     """Whether this torch convolves and replicate-pads float16 tensors on the CPU (torch 2.2 added both)."""
     x = torch.zeros(1, 1, 2, 2, dtype=torch.float16)

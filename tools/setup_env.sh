@@ -4,9 +4,13 @@
 #
 #   bash tools/setup_env.sh          # core: torch, timm, ... and spatial_mamba
 #   bash tools/setup_env.sh --mm     # core + mmcv 2.1.0 (built once per machine, cached) + mmdet/mmseg/mmpretrain
+#   bash tools/setup_env.sh --floor  # also the oldest supported environment (requirements-floor.txt: Python 3.10,
+#                                    # torch 2.1.2), for the compatibility leg of tools/run_tests.sh
 #
 # The mmcv wheel is cached in $SPATIAL_MAMBA_CACHE (default ~/.cache/spatial_mamba), keyed by the mmcv, torch and
-# Python versions, so only the first run on a machine pays the ~7 minute build.
+# Python versions, so only the first run on a machine pays the ~7 minute build. The floor environment is cached there
+# too (venvs/), keyed by requirements-floor.txt; its path is written to .venv/floor-python. It needs a Python 3.10
+# interpreter: $FLOOR_PYTHON, python3.10 on PATH, or pyenv's.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,10 +18,12 @@ VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 CACHE="${SPATIAL_MAMBA_CACHE:-$HOME/.cache/spatial_mamba}"
 WITH_MM=0
+WITH_FLOOR=0
 for arg in "$@"; do
   case "$arg" in
     --mm) WITH_MM=1 ;;
-    *) echo "setup_env.sh: unknown argument '$arg' (expected --mm)" >&2; exit 2 ;;
+    --floor) WITH_FLOOR=1 ;;
+    *) echo "setup_env.sh: unknown argument '$arg' (expected --mm or --floor)" >&2; exit 2 ;;
   esac
 done
 
@@ -81,5 +87,33 @@ if [ "$WITH_MM" = 1 ]; then
   else
     log "OpenMMLab environment is up to date"
   fi
+fi
+if [ "$WITH_FLOOR" = 1 ]; then
+  FLOOR_VENV="$CACHE/venvs/floor-$(stamp_of "$ROOT/requirements-floor.txt")"
+  if [ ! -f "$FLOOR_VENV/.ready" ]; then
+    FLOOR_PY="${FLOOR_PYTHON:-}"
+    if [ -z "$FLOOR_PY" ]; then
+      for candidate in python3.10 "$(pyenv root 2>/dev/null)"/versions/3.10*/bin/python3.10 \
+        "$HOME"/.pyenv/versions/3.10*/bin/python3.10; do
+        if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1; then
+          FLOOR_PY="$candidate"
+          break
+        fi
+      done
+    fi
+    if [ -z "$FLOOR_PY" ]; then
+      echo "setup_env.sh: --floor needs a Python 3.10 interpreter; set FLOOR_PYTHON or install python3.10" >&2
+      exit 2
+    fi
+    log "creating the floor environment (requirements-floor.txt, $("$FLOOR_PY" --version)) at $FLOOR_VENV"
+    rm -rf "$FLOOR_VENV"
+    "$FLOOR_PY" -m venv "$FLOOR_VENV"
+    "$FLOOR_VENV/bin/python" -m pip install -q --upgrade pip
+    "$FLOOR_VENV/bin/python" -m pip install -q -r "$ROOT/requirements-floor.txt"
+    touch "$FLOOR_VENV/.ready"
+  else
+    log "using the cached floor environment $FLOOR_VENV"
+  fi
+  echo "$FLOOR_VENV/bin/python" > "$VENV/floor-python"
 fi
 log "ready: $VENV"

@@ -388,12 +388,18 @@ def _read_pretrained_file(variant: str, kwargs: Dict[str, Any]) -> None:
     timm reads the file with ``torch.load(weights_only=True)``, which only torch >= 2.4 lets us extend to the yacs
     ``CfgNode`` of official checkpoints. The state dict is chosen as timm chooses it (EMA weights first)."""
     cfg = resolve_pretrained_cfg(
-        variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
     )
     if not cfg.file or cfg.state_dict is not None:
         return
     checkpoint = load_file(cfg.file)
-    keys = [k for k in ("state_dict_ema", "model_ema", "state_dict", "model") if isinstance(checkpoint, dict) and k in checkpoint]
+    keys = [
+        k
+        for k in ("state_dict_ema", "model_ema", "state_dict", "model")
+        if isinstance(checkpoint, dict) and k in checkpoint
+    ]
     state_dict = extract_state_dict(checkpoint[keys[0]] if keys else checkpoint, source=f"checkpoint {cfg.file!r}")
     kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), "state_dict": state_dict}
 

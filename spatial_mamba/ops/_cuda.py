@@ -22,7 +22,7 @@ implementations raise a ValueError for such inputs.
 import importlib
 import warnings
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -99,7 +99,7 @@ def supports_dwconv2d(x=None, weight=None, *rest) -> List[str]:
     return reasons
 
 
-def _import_extension(name: str) -> Tuple[Optional[ModuleType], str]:
+def _import_extension(name: str) -> Tuple[ModuleType | None, str]:
     """(module, why) for ``spatial_mamba.<name>``; module is None when it was not built or does not load."""
     qualified = f"spatial_mamba.{name}"
     try:
@@ -125,7 +125,7 @@ _fusion_ext, _fusion_why = _import_extension("_state_fusion_cuda")
 _OPS: Dict[str, Callable] = {}
 
 
-def _availability(extension: Optional[ModuleType], why: str) -> Callable[[], Tuple[bool, str]]:
+def _availability(extension: ModuleType | None, why: str) -> Callable[[], Tuple[bool, str]]:
     return lambda: (extension is not None, why)
 
 
@@ -136,7 +136,7 @@ def _register_selective_scan_ops(ext: ModuleType):
         delta: torch.Tensor,
         A: torch.Tensor,
         B: torch.Tensor,
-        delta_bias: Optional[torch.Tensor],
+        delta_bias: torch.Tensor | None,
         delta_softplus: bool,
     ) -> torch.Tensor:
         return ext.fwd(u, delta, A, B, delta_bias, delta_softplus)
@@ -151,7 +151,7 @@ def _register_selective_scan_ops(ext: ModuleType):
         delta: torch.Tensor,
         A: torch.Tensor,
         B: torch.Tensor,
-        delta_bias: Optional[torch.Tensor],
+        delta_bias: torch.Tensor | None,
         delta_softplus: bool,
         hs: torch.Tensor,
         dhs: torch.Tensor,
@@ -348,7 +348,7 @@ def selective_scan_cuda(
     delta: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    delta_bias: Optional[torch.Tensor],
+    delta_bias: torch.Tensor | None,
     delta_softplus: bool,
 ) -> torch.Tensor:
     """Selective scan on the CUDA kernels (backend implementation signature, see ``backend``); N = 1 only."""

@@ -17,8 +17,11 @@ pytestmark = pytest.mark.mm
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import DefaultScope  # noqa: E402
 
-from spatial_mamba import compat  # noqa: E402
-from spatial_mamba import CheckpointError, SpatialMamba  # noqa: E402
+from spatial_mamba import (  # noqa: E402
+    CheckpointError,
+    SpatialMamba,
+    compat,  # noqa: E402
+)
 from spatial_mamba.models.spatial_mamba import SpatialMambaTrunk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +55,9 @@ def _trained_classifier_checkpoint(path: Path, dims=16) -> tuple[SpatialMamba, S
                 tensor.add_(0.05 * torch.randn_like(tensor))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
-    save_checkpoint(str(path), _C.clone(), 3, model, optimizer, scheduler, compat.grad_scaler("cpu", enabled=True), 0.5, ema, 0.6)
+    save_checkpoint(
+        str(path), _C.clone(), 3, model, optimizer, scheduler, compat.grad_scaler("cpu", enabled=True), 0.5, ema, 0.6
+    )
     return model, ema
 
 

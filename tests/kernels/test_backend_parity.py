@@ -24,10 +24,9 @@ import torch
 
 from spatial_mamba import compat
 from spatial_mamba.ops import backend, depthwise_conv2d_replicate, selective_scan_fn
+from spatial_mamba.ops.triton_scan import triton_installed
 
 from . import parity
-
-from spatial_mamba.ops.triton_scan import triton_installed
 
 HAS_TRITON, TRITON_WHY = triton_installed()  # the triton tests skip without a usable Triton, saying why
 if HAS_TRITON:

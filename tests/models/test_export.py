@@ -3,8 +3,8 @@ official checkpoints through timm's own loading paths."""
 
 import copy
 import inspect
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
