@@ -15,6 +15,6 @@ status=0
 .venv/bin/python -m pytest tests -q --durations=15 "$@" || status=$?
 FLOOR_PY="$(cat .venv/floor-python)"
 echo "[tests] compatibility leg: $("$FLOOR_PY" -c 'import sys, torch, timm; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, timm {timm.__version__}")')"
-PYTHONPATH="$ROOT" "$FLOOR_PY" -m pytest tests/models tests/ops tests/kernels tests/classification tests/test_info.py \
+PYTHONPATH="$ROOT" "$FLOOR_PY" -m pytest tests/models tests/ops tests/kernels tests/classification tests/test_info.py tests/test_compat.py \
   -q -p no:cacheprovider --durations=5 || status=$?
 exit "$status"
