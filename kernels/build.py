@@ -8,8 +8,14 @@ Three extensions are built (sources in this directory, see ``README.md``):
 
 The CUDA toolkit is ``$CUDA_HOME`` when set; otherwise it is found from ``nvcc`` on ``PATH``, following symlinks
 and wrapper scripts (``torch.utils.cpp_extension`` would take the directory above a wrapper for the toolkit, and
-linking then fails with ``cannot find -lcudart``). Architectures come from ``TORCH_CUDA_ARCH_LIST``; when it is not
-set, torch builds for the visible GPUs, and with no GPU visible this plan builds for Hopper ("9.0").
+linking then fails with ``cannot find -lcudart``).
+
+Architectures come from ``TORCH_CUDA_ARCH_LIST``; when it is not set, torch builds for the visible GPUs, and with no
+GPU visible (how wheels and containers are built) this plan builds for Ampere and Hopper with PTX ("8.0;9.0+PTX"):
+sm_80 code runs on every 8.x GPU (A100, A10, L4, L40S, RTX 30xx/40xx), sm_90 on Hopper, and the PTX is compiled by
+the driver for anything newer. Each extension records what it was built for (``cuda_archs``, e.g.
+``"sm80_sm90_compute90"``); ``spatial_mamba/ops/_cuda.py`` checks it against each tensor's device, so a GPU the build
+cannot serve goes to the Triton kernels instead of failing at the first launch.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ __all__ = ["CONVENTIONAL_CUDA_HOME", "DEFAULT_ARCH_LIST", "EXTENSIONS", "cuda_bu
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ARCH_LIST = "9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # Where toolkits are installed by convention; tried last.
 CONVENTIONAL_CUDA_HOME = Path("/usr/local/cuda")
 
@@ -117,8 +123,8 @@ def find_cuda_home() -> str:
 
 
 def _default_arch_list():
-    """Sets TORCH_CUDA_ARCH_LIST to Hopper when it is unset and no GPU is visible (torch would build for every
-    architecture it knows, which takes many times longer)."""
+    """Sets TORCH_CUDA_ARCH_LIST to ``DEFAULT_ARCH_LIST`` when it is unset and no GPU is visible (torch would build for
+    every architecture it knows, which takes many times longer)."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return
     import torch
@@ -144,6 +150,18 @@ def _ninja_on_path():
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def arch_tag(gencode_flags: List[str]) -> str:
+    """What nvcc's ``-gencode`` flags build, as one identifier: ``sm80_sm90_compute90`` for sm_80 and sm_90 machine
+    code and compute_90 PTX (an identifier, so that it passes through the compilers' command lines unquoted)."""
+    codes = set()
+    for flag in gencode_flags:
+        codes.update(re.findall(r"code=\[?((?:sm|compute)_\d+a?)", flag))
+    if not codes:
+        raise RuntimeError(f"no CUDA architecture in the build flags {gencode_flags}; set TORCH_CUDA_ARCH_LIST")
+    order = sorted(codes, key=lambda code: (code.startswith("compute"), int(re.sub(r"\D", "", code)), code))
+    return "_".join(code.replace("_", "") for code in order)
+
+
 def cuda_build_plan() -> Tuple[list, dict]:
     """Returns ``(ext_modules, cmdclass)`` for ``setup()``: both CUDA extensions and torch's ``BuildExtension``."""
     cuda_home = find_cuda_home()
@@ -154,12 +172,14 @@ def cuda_build_plan() -> Tuple[list, dict]:
 
     # cpp_extension reads CUDA_HOME once, at import; it may have been imported (and guessed wrong) before.
     cpp_extension.CUDA_HOME = cuda_home
+    # The flags torch will build with, from TORCH_CUDA_ARCH_LIST or the visible GPUs; recorded in each extension.
+    archs = f"-DSPATIAL_MAMBA_CUDA_ARCHS={arch_tag(cpp_extension._get_cuda_arch_flags())}"
     ext_modules = [
         cpp_extension.CUDAExtension(
             name,
             sources,
             include_dirs=[str(ROOT / "kernels")],
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_compile_args={"cxx": [*CXX_FLAGS, archs], "nvcc": NVCC_FLAGS},
         )
         for name, sources in EXTENSIONS.items()
     ]

@@ -15,6 +15,8 @@ status=0
 .venv/bin/python -m pytest tests -q --durations=15 "$@" || status=$?
 FLOOR_PY="$(cat .venv/floor-python)"
 echo "[tests] compatibility leg: $("$FLOOR_PY" -c 'import sys, torch, timm; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, timm {timm.__version__}")')"
-PYTHONPATH="$ROOT" "$FLOOR_PY" -m pytest tests/models tests/ops tests/kernels tests/classification tests/test_info.py tests/test_compat.py \
-  -q -p no:cacheprovider --durations=5 || status=$?
+# Building the CUDA extensions needs a toolkit of torch's own CUDA version (12.1 for torch 2.1.2), which this machine
+# may not have: tests/kernels/test_cuda_build.py runs on the pinned environment only.
+PYTHONPATH="$ROOT" "$FLOOR_PY" -m pytest tests/models tests/ops tests/kernels tests/classification tests/test_info.py \
+  tests/test_compat.py --ignore=tests/kernels/test_cuda_build.py -q -p no:cacheprovider --durations=5 || status=$?
 exit "$status"

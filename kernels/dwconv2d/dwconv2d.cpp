@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "dwconv2d.h"
+#include "common/build_info.h"
 
 namespace spatial_mamba {
 namespace {
@@ -138,6 +139,7 @@ at::Tensor wgrad(const at::Tensor& dy, const at::Tensor& x, int64_t kernel_size,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Depthwise 2-D convolution with replicate padding (stride 1, odd kernel, dilation): CUDA kernels";
+  m.attr("cuda_archs") = SPATIAL_MAMBA_CUDA_ARCHS_STRING;
   m.def("fwd", &spatial_mamba::fwd, "y = depthwise conv of x (replicate padding dilation * (k // 2))", py::arg("x"),
         py::arg("weight"), py::arg("dilation"));
   m.def("dgrad", &spatial_mamba::dgrad, "dx from dy (dy's dtype)", py::arg("dy"), py::arg("weight"),

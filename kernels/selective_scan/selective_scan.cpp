@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "selective_scan.h"
+#include "common/build_info.h"
 
 namespace spatial_mamba {
 namespace {
@@ -176,6 +177,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Hidden-state selective scan (d_state N = 1) of Spatial-Mamba: CUDA kernels";
+  m.attr("cuda_archs") = SPATIAL_MAMBA_CUDA_ARCHS_STRING;
   m.def("fwd", &spatial_mamba::fwd, "hs (batch, dim, 1, L) float32 from u, delta, A, B, delta_bias, delta_softplus",
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("delta_bias"),
         py::arg("delta_softplus"));

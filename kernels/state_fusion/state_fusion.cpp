@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "state_fusion.h"
+#include "common/build_info.h"
 
 namespace spatial_mamba {
 namespace {
@@ -208,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> observe_b
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "One-pass 25-tap state fusion with replicate borders, alone and fused with the observation: CUDA kernels";
+  m.attr("cuda_archs") = SPATIAL_MAMBA_CUDA_ARCHS_STRING;
   m.def("fwd", &spatial_mamba::fwd, "out = the 25-tap fusion of h (h's dtype)", py::arg("h"), py::arg("taps"));
   m.def("bwd", &spatial_mamba::bwd, "(dh, dtaps) from dy; empty tensors for the gradients not asked for",
         py::arg("h"), py::arg("taps"), py::arg("dy"), py::arg("need_dh"), py::arg("need_dtaps"));

@@ -20,6 +20,7 @@ implementations raise a ValueError for such inputs.
 
 # No `from __future__ import annotations`: torch.library.custom_op reads the annotations to build each op's schema.
 import importlib
+import re
 import warnings
 from types import ModuleType
 from typing import Callable, Dict, List, Tuple
@@ -77,18 +78,82 @@ def supports_state_fusion(h=None, taps=None, *rest) -> List[str]:
 
 def supports_fused_observation(h=None, taps=None, C=None, u=None, D=None, *rest) -> List[str]:
     """Why the fused observation kernels cannot take these inputs: the fusion's reasons, a dtype of u and C they lack,
-    float64 D, or a plane with more 32 x 32 tiles than the kernels' grid holds."""
+    or float64 D."""
     reasons = supports_state_fusion(h, taps)
     reasons += [reason.replace("inputs", "u and C") for reason in _dtype_reasons(u)]
     if isinstance(D, torch.Tensor) and D.dtype != torch.float32:
         reasons.append(f"{str(D.dtype).replace('torch.', '')} D (the kernels take float32 D)")
-    if isinstance(h, torch.Tensor) and h.dim() == 4:
-        tiles = -(-h.shape[-2] // _FUSION_TILE) * -(-h.shape[-1] // _FUSION_TILE)
-        if tiles > _MAX_GRID_Y:
-            reasons.append(f"a {h.shape[-2]}x{h.shape[-1]} plane ({tiles} tiles of 32 x 32; the kernels take 65535)")
-        elif h.shape[0] * tiles >= 2**31:
-            reasons.append(f"batch {h.shape[0]} of {tiles} tiles each (the kernels take fewer than 2**31 tiles)")
     return reasons
+
+
+def _fusion_grid_reasons(h=None, *rest) -> List[str]:
+    """The grid limits of the CUDA fusion and observation bindings (``check_inputs`` in
+    kernels/state_fusion/state_fusion.cpp): at most 65535 tiles of 32 x 32 per plane, fewer than 2**31 planes, and
+    fewer than 2**31 tiles in all."""
+    if not isinstance(h, torch.Tensor) or h.dim() != 4:
+        return []
+    batch, channels, height, width = h.shape
+    tiles = -(-height // _FUSION_TILE) * -(-width // _FUSION_TILE)
+    if tiles > _MAX_GRID_Y:
+        return [f"a {height}x{width} plane ({tiles} tiles of 32 x 32; the cuda kernels take 65535)"]
+    if batch * channels >= 2**31:
+        return [f"{batch} x {channels} planes (the cuda kernels take fewer than 2**31)"]
+    if batch * tiles >= 2**31:
+        return [f"batch {batch} of {tiles} tiles each (the cuda kernels take fewer than 2**31 tiles)"]
+    return []
+
+
+def _device_capability(t) -> Tuple[int, int] | None:
+    """The compute capability of ``t``'s GPU, None for a tensor that is not on one."""
+    if isinstance(t, torch.Tensor) and t.is_cuda:
+        return torch.cuda.get_device_capability(t.device)
+    return None
+
+
+def runs_on(cuda_archs: str, capability: Tuple[int, int]) -> bool:
+    """Whether an extension built for ``cuda_archs`` (``kernels/build.py``'s tag, e.g. ``"sm80_sm90_compute90"``) has
+    code for a GPU of ``capability``: machine code of the same major and no higher minor version (``sm90a``: that GPU
+    only), or PTX of no higher version, which the driver compiles for it."""
+    for kind, digits, specific in re.findall(r"(sm|compute)(\d+)(a?)", cuda_archs):
+        arch = (int(digits[:-1]), int(digits[-1]))
+        if kind == "compute" and arch <= capability:
+            return True
+        if kind == "sm" and (arch == capability if specific else arch[0] == capability[0] and arch[1] <= capability[1]):
+            return True
+    return False
+
+
+def _describe_archs(cuda_archs: str) -> str:
+    codes = re.findall(r"(sm|compute)(\d+a?)", cuda_archs)
+    return ", ".join(f"{kind}_{digits}" for kind, digits in codes) or "no architecture"
+
+
+def _arch_reasons(extension: str, tensor) -> List[str]:
+    """Why the extension ``spatial_mamba.<extension>`` cannot run on ``tensor``'s GPU: it was built for others."""
+    capability = _device_capability(tensor)
+    module = _EXTENSIONS[extension][0]
+    if capability is None or module is None:
+        return []
+    device = f"{tensor.device} (sm_{capability[0]}{capability[1]})"
+    archs = getattr(module, "cuda_archs", "")
+    if not archs:
+        return [f"spatial_mamba.{extension} does not record the GPUs it was built for; rebuild it: {BUILD_COMMAND}"]
+    if runs_on(archs, capability):
+        return []
+    return [
+        f"spatial_mamba.{extension} was built for {_describe_archs(archs)}, which {device} cannot run; rebuild it "
+        f"with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]}: {BUILD_COMMAND}"
+    ]
+
+
+def _cuda_supports(extension: str, *checks: Callable[..., List[str]]) -> Callable[..., List[str]]:
+    """The ``supports`` of a cuda backend: the kernels' input checks, then whether the build runs on the GPU."""
+
+    def supports(*tensors) -> List[str]:
+        reasons = [reason for check in checks for reason in check(*tensors)]
+        return reasons + _arch_reasons(extension, tensors[0] if tensors else None)
+
+    return supports
 
 
 def supports_dwconv2d(x=None, weight=None, *rest) -> List[str]:
@@ -115,9 +180,10 @@ def _import_extension(name: str) -> Tuple[ModuleType | None, str]:
         return None, why
 
 
-_scan_ext, _scan_why = _import_extension("_selective_scan_cuda")
-_dwconv_ext, _dwconv_why = _import_extension("_dwconv2d_cuda")
-_fusion_ext, _fusion_why = _import_extension("_state_fusion_cuda")
+# Extension name -> (module or None, why); read at each call, so that tests can stand in other modules.
+_EXTENSIONS = {
+    name: _import_extension(name) for name in ("_selective_scan_cuda", "_dwconv2d_cuda", "_state_fusion_cuda")
+}
 
 
 # The forward op of each kernel, by name: a torch.library custom op (torch.ops.spatial_mamba.<name>) on torch >= 2.4,
@@ -125,8 +191,8 @@ _fusion_ext, _fusion_why = _import_extension("_state_fusion_cuda")
 _OPS: Dict[str, Callable] = {}
 
 
-def _availability(extension: ModuleType | None, why: str) -> Callable[[], Tuple[bool, str]]:
-    return lambda: (extension is not None, why)
+def _availability(extension: str) -> Callable[[], Tuple[bool, str]]:
+    return lambda: (_EXTENSIONS[extension][0] is not None, _EXTENSIONS[extension][1])
 
 
 def _register_selective_scan_ops(ext: ModuleType):
@@ -315,7 +381,7 @@ def state_fusion_cuda(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
             f"state_fusion: h must be (batch, channels, height, width) and taps (channels, 25); got "
             f"{tuple(h.shape)} and {tuple(taps.shape)}"
         )
-    reasons = supports_state_fusion(h, taps)
+    reasons = supports_state_fusion(h, taps) + _fusion_grid_reasons(h)
     if reasons:
         raise ValueError(f"state_fusion: the cuda kernels cannot take {'; '.join(reasons)}")
     return _OPS["state_fusion_cuda_fwd"](h.contiguous(), taps.contiguous())
@@ -335,7 +401,7 @@ def fused_observation_cuda(
             f"fused_observation: C must be (batch, height, width) and u h's shape, both in one dtype; got C "
             f"{tuple(C.shape)} {C.dtype}, u {tuple(u.shape)} {u.dtype} for h {tuple(h.shape)}"
         )
-    reasons = supports_fused_observation(h, taps, C, u, D)
+    reasons = supports_fused_observation(h, taps, C, u, D) + _fusion_grid_reasons(h)
     if reasons:
         raise ValueError(f"fused_observation: the cuda kernels cannot take {'; '.join(reasons)}")
     return _OPS["fused_observation_cuda_fwd"](
@@ -374,32 +440,23 @@ def dwconv2d_cuda(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch
     return _OPS["dwconv2d_cuda_fwd"](x.contiguous(), weight, int(dilation))
 
 
-if _scan_ext is not None:
-    _register_selective_scan_ops(_scan_ext)
-if _dwconv_ext is not None:
-    _register_dwconv2d_ops(_dwconv_ext)
-if _fusion_ext is not None:
-    _register_state_fusion_ops(_fusion_ext)
-    _register_fused_observation_ops(_fusion_ext)
-backend.register(
-    "selective_scan",
-    "cuda",
-    selective_scan_cuda,
-    _availability(_scan_ext, _scan_why),
-    supports=supports_selective_scan,
-)
-backend.register("dwconv2d", "cuda", dwconv2d_cuda, _availability(_dwconv_ext, _dwconv_why), supports=supports_dwconv2d)
-backend.register(
-    "state_fusion",
-    "cuda",
-    state_fusion_cuda,
-    _availability(_fusion_ext, _fusion_why),
-    supports=supports_state_fusion,
-)
-backend.register(
-    "fused_observation",
-    "cuda",
-    fused_observation_cuda,
-    _availability(_fusion_ext, _fusion_why),
-    supports=supports_fused_observation,
-)
+for _name, _registrations in [
+    ("_selective_scan_cuda", [_register_selective_scan_ops]),
+    ("_dwconv2d_cuda", [_register_dwconv2d_ops]),
+    ("_state_fusion_cuda", [_register_state_fusion_ops, _register_fused_observation_ops]),
+]:
+    if _EXTENSIONS[_name][0] is not None:
+        for _registration in _registrations:
+            _registration(_EXTENSIONS[_name][0])
+for _op, _fn, _name, _checks in [
+    ("selective_scan", selective_scan_cuda, "_selective_scan_cuda", [supports_selective_scan]),
+    ("dwconv2d", dwconv2d_cuda, "_dwconv2d_cuda", [supports_dwconv2d]),
+    ("state_fusion", state_fusion_cuda, "_state_fusion_cuda", [supports_state_fusion, _fusion_grid_reasons]),
+    (
+        "fused_observation",
+        fused_observation_cuda,
+        "_state_fusion_cuda",
+        [supports_fused_observation, _fusion_grid_reasons],
+    ),
+]:
+    backend.register(_op, "cuda", _fn, _availability(_name), supports=_cuda_supports(_name, *_checks))

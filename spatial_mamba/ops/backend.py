@@ -12,9 +12,11 @@ A backend can decline by *what the inputs need*, not only by being absent: each 
 ``supports(*tensors) -> reasons``, the list of reasons it cannot take these inputs (empty: it can; for example
 "d_state N = 2 > 1" or "float64 inputs"). On CUDA tensors the dispatcher walks cuda -> triton -> reference and takes
 the first backend that is available and supports the inputs; reaching the reference there is a warning that lists
-every reason. On CPU tensors it walks cpu -> reference: the ``cpu`` backend declines, silently (logged at info),
-what it cannot take (non-float32 tensors, and tracers: torch.compile, torch.export, TorchScript and ONNX tracing, FX
-proxies, fake and meta tensors), and the reference runs those. A backend in the walk that is *unavailable* (for
+every reason, and so is passing over a built backend that cannot take the inputs (the ``cuda`` extension on a GPU it
+was not built for, or a plane beyond its grid), once per op and backend. On CPU tensors it walks cpu -> reference:
+the ``cpu`` backend declines, silently (logged at info), what it cannot take (non-float32 tensors, and tracers:
+torch.compile, torch.export, TorchScript and ONNX tracing, FX proxies, fake and meta tensors), and the reference runs
+those. A backend in the walk that is *unavailable* (for
 ``cpu``: no compiler, or the compile failed) is a RuntimeWarning naming the reason, once per process, before the
 reference runs in its place. A backend's input checks come before its availability check only for ``cpu``: inputs it
 declines never start its compile.
@@ -302,7 +304,11 @@ def choose(op: str, *tensors) -> Tuple[str, Callable]:
     on_cuda = _on_cuda(tensors)
     if not on_cuda:
         _warn_unavailable(choice)
-    warn = on_cuda and choice.backend == "reference" and bool(choice.passed_over) and choice.forced_by is None
+    # On a GPU, a warning when the reference runs in place of kernels, or when a built backend had to pass these
+    # inputs on (a GPU its build has no code for, a plane beyond its grid): a slower path than the user built for.
+    declined = [name for name in choice.passed_over if name not in choice.unavailable]
+    warn = on_cuda and choice.forced_by is None and bool(choice.passed_over)
+    warn = warn and (choice.backend == "reference" or bool(declined))
     _announce(choice, warn=warn)
     return choice.backend, choice.fn
 

@@ -27,6 +27,7 @@ from spatial_mamba.ops import backend, depthwise_conv2d_replicate, selective_sca
 from spatial_mamba.ops.triton_scan import triton_installed
 
 from . import parity
+from .gpu import require_cuda_kernels
 
 HAS_TRITON, TRITON_WHY = triton_installed()  # the triton tests skip without a usable Triton, saying why
 if HAS_TRITON:
@@ -67,6 +68,8 @@ def require(op: str, name: str, *tensors):
     """Skips when ``name`` has no implementation of ``op`` or cannot run here; checks that the dispatcher picks it."""
     if name not in backend.registered(op):
         pytest.skip(f"no {name} implementation of {op} is registered")
+    if name == "cuda":
+        require_cuda_kernels(op)
     ok, why = backend.is_available(op, name)
     if not ok:
         pytest.skip(f"{name} is unavailable here: {why}")

@@ -122,9 +122,27 @@ def test_cuda_build_plan_builds_both_extensions_against_the_found_toolkit(plan_e
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU visible, torch builds for that GPU's arch")
-def test_cuda_build_plan_builds_for_hopper_when_no_gpu_is_visible(plan_env):
-    build.cuda_build_plan()
-    assert os.environ["TORCH_CUDA_ARCH_LIST"] == build.DEFAULT_ARCH_LIST == "9.0"
+def test_cuda_build_plan_builds_for_ampere_and_hopper_with_ptx_when_no_gpu_is_visible(plan_env):
+    ext_modules, _ = build.cuda_build_plan()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == build.DEFAULT_ARCH_LIST == "8.0;9.0+PTX"
+    # What the bindings record (their cuda_archs), read by spatial_mamba/ops/_cuda.py before each launch.
+    for ext in ext_modules:
+        assert "-DSPATIAL_MAMBA_CUDA_ARCHS=sm80_sm90_compute90" in ext.extra_compile_args["cxx"]
+
+
+def test_cuda_build_plan_records_the_architectures_the_user_asked_for(plan_env, monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6 9.0a")
+    ext_modules, _ = build.cuda_build_plan()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.6 9.0a"
+    assert "-DSPATIAL_MAMBA_CUDA_ARCHS=sm86_sm90a" in ext_modules[0].extra_compile_args["cxx"]
+
+
+def test_arch_tag_names_machine_code_before_ptx():
+    flags = ["-gencode=arch=compute_90,code=compute_90", "-gencode=arch=compute_90,code=sm_90"]
+    flags.append("-gencode=arch=compute_80,code=sm_80")
+    assert build.arch_tag(flags) == "sm80_sm90_compute90"
+    with pytest.raises(RuntimeError, match="no CUDA architecture"):
+        build.arch_tag(["-O3"])
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +187,7 @@ def test_extensions_load_without_a_gpu_and_expose_their_functions(built_extensio
         module = load(name, path)
         for function in FUNCTIONS[name]:
             assert callable(getattr(module, function)), f"{name}.{function}"
+        assert module.cuda_archs == "sm90", name  # built with TORCH_CUDA_ARCH_LIST=9.0
 
 
 @pytest.mark.slow

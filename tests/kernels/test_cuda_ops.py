@@ -1,10 +1,10 @@
 """GPU-only checks of the compiled CUDA kernels (kernels/, registered by spatial_mamba/ops/_cuda.py).
 
-Needs a CUDA GPU and the built extensions (``SPATIAL_MAMBA_BUILD_CUDA=1 python setup.py build_ext --inplace``);
-everything here is skipped otherwise. Their numbers on every test shape are checked with the other backends in
-test_backend_parity.py; this file covers what only a GPU shows: dispatch, determinism, torch.compile and opcheck,
-misaligned pointers, and tensors beyond 2**31 elements. Ground truth and tolerances: ``tests/kernels/parity.py``;
-a kernel is never compared with itself.
+Needs a CUDA GPU and the built extensions (``SPATIAL_MAMBA_BUILD_CUDA=1 python setup.py build_ext --inplace``):
+skipped without a GPU; on a GPU without the extensions every test fails (``tests/kernels/gpu.py``). Their numbers on
+every test shape are checked with the other backends in test_backend_parity.py; this file covers what only a GPU
+shows: dispatch, determinism, torch.compile and opcheck, non-default streams, misaligned pointers, and tensors beyond
+2**31 elements. Ground truth and tolerances: ``tests/kernels/parity.py``; a kernel is never compared with itself.
 """
 
 import pytest
@@ -14,18 +14,14 @@ import torch.nn.functional as F
 from spatial_mamba.ops import backend, depthwise_conv2d_replicate, selective_scan_fn
 
 from . import parity
+from .gpu import require_cuda_kernels
+
+pytestmark = pytest.mark.gpu
 
 
-def _cuda_ready() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    return all(backend.is_available(op, "cuda")[0] for op in ("selective_scan", "dwconv2d"))
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA GPU and the built extension"),
-]
+@pytest.fixture(autouse=True)
+def _cuda_kernels():
+    require_cuda_kernels()
 
 
 def impl(op):
@@ -161,13 +157,7 @@ def test_dwconv2d_custom_ops_pass_opcheck(kernel_size, dilation, dtype):
 
 # -------------------------------------------------------------------------------------------- fused observation
 
-needs_observation = pytest.mark.skipif(
-    not torch.cuda.is_available() or not backend.is_available("fused_observation", "cuda")[0],
-    reason="needs the built state fusion extension",
-)
 
-
-@needs_observation
 def test_fused_observation_gradients_are_deterministic():
     # The detection shape: 14 channel groups whose dC partials, and per-tile dtaps and dD partials, the binding sums.
     inputs = parity.observation_inputs(2, 192, 200, 334, torch.float32, torch.bfloat16, device="cuda")
@@ -178,7 +168,6 @@ def test_fused_observation_gradients_are_deterministic():
         assert torch.equal(a, b), name
 
 
-@needs_observation
 def test_fused_observation_compiles_without_graph_breaks():
     h, taps, C, u, D, _ = parity.observation_inputs(2, 4, 14, 14, torch.float32, device="cuda")
     fused = impl("fused_observation")
@@ -188,7 +177,6 @@ def test_fused_observation_compiles_without_graph_breaks():
     parity.assert_close(actual, expected, parity.ROUNDING[torch.float32], parity.ATOL_OF_MAX, "compiled")
 
 
-@needs_observation
 @pytest.mark.parametrize(
     "dtype, u_dtype",
     [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float16)],
@@ -201,3 +189,57 @@ def test_fused_observation_custom_ops_pass_opcheck(dtype, u_dtype):
     torch.library.opcheck(ops.fused_observation_cuda_fwd.default, leaves)
     needs = (True, False, True, False, True)  # dh, dC and dD only
     torch.library.opcheck(ops.fused_observation_cuda_bwd.default, (h, taps, C, u, D, dy, *needs))
+
+
+# ------------------------------------------------------------------------------------------------- state fusion
+
+
+@pytest.mark.parametrize("dtype", parity.DTYPES, ids=str)
+def test_state_fusion_custom_ops_pass_opcheck(dtype):
+    h, taps, dy = parity.fusion_inputs(2, 3, 9, 40, dtype, device="cuda")
+    ops = torch.ops.spatial_mamba
+    leaves = tuple(t.detach().clone().requires_grad_() for t in (h, taps))
+    torch.library.opcheck(ops.state_fusion_cuda_fwd.default, leaves)
+    torch.library.opcheck(ops.state_fusion_cuda_bwd.default, (h, taps, dy, True, True))
+    torch.library.opcheck(ops.state_fusion_cuda_bwd.default, (h, taps, dy, True, False))
+
+
+def test_state_fusion_compiles_without_graph_breaks_forward_and_backward():
+    h, taps, dy = parity.fusion_inputs(2, 4, 14, 14, torch.float32, device="cuda")
+    fusion = impl("state_fusion")
+    compiled = torch.compile(lambda h, taps: F.gelu(fusion(h, taps)), fullgraph=True)
+    out, dh, dtaps = parity.run_fusion(compiled, h, taps, dy)
+    expected, dh_ref, dtaps_ref = parity.run_fusion(
+        lambda h, taps: F.gelu(parity.gather_fusion(h, taps)), h.double().cpu(), taps.double().cpu(), dy.cpu()
+    )
+    parity.assert_close(out, expected, parity.ROUNDING[torch.float32], parity.ATOL_OF_MAX, "out")
+    parity.assert_close(dh, dh_ref, parity.ROUNDING[torch.float32], parity.ATOL_OF_MAX, "dh")
+    parity.assert_close(dtaps, dtaps_ref, 0.0, parity.REDUCTION_ATOL_OF_MAX, "dtaps")
+
+
+def test_every_op_runs_on_a_non_default_stream():
+    """Each kernel must launch on the current stream. On a side stream kept busy by a long fill, every input is
+    produced by an op queued behind that fill, so a kernel launched on the default stream would read it unwritten."""
+    stream = torch.cuda.Stream()
+    filler = torch.empty(2**28, device="cuda")  # 1 GiB of random numbers per fill
+    fusion = parity.fusion_inputs(2, 8, 56, 56, torch.float32)
+    observation = parity.observation_inputs(2, 8, 28, 28, torch.float32, torch.bfloat16)
+    scan, dhs = parity.scan_inputs(2, 16, 3136, torch.bfloat16)
+    on_gpu = [t.cuda() for t in fusion] + [t.cuda() for t in observation] + [dhs.cuda()]
+    scan_on_gpu = {name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in scan.items()}
+    torch.cuda.synchronize()
+
+    def behind_the_fill(tensors):
+        filler.normal_()
+        return [t * 1 for t in tensors]
+
+    with torch.cuda.stream(stream):
+        fused = parity.run_fusion(impl("state_fusion"), *behind_the_fill(on_gpu[:3]))
+        observed = parity.run_observation(impl("fused_observation"), *behind_the_fill(on_gpu[3:9]))
+        filler.normal_()
+        scan_inputs = {name: t * 1 if isinstance(t, torch.Tensor) else t for name, t in scan_on_gpu.items()}
+        scanned = parity.run_scan(impl("selective_scan"), scan_inputs, True, on_gpu[9] * 1)
+    stream.synchronize()
+    parity.check_fusion(*fused, *fusion)
+    parity.check_observation(*observed, *observation)
+    parity.check_scan(*scanned, scan, True, dhs)

@@ -210,3 +210,97 @@ def test_registered_lists_backends_in_dispatch_order():
     assert backend.implementation("selective_scan", "reference") is backend._REGISTRY["selective_scan"]["reference"].fn
     with pytest.raises(KeyError, match="no 'cuda' implementation of 'nope'"):
         backend.implementation("nope", "cuda")
+
+
+# ------------------------------------------------------------------------ a GPU the CUDA build has no code for
+
+
+@pytest.fixture
+def hopper_only_build(monkeypatch):
+    """As if the state fusion extension were built for sm_90 only (kernels/build.py's tag) and loaded, Triton were
+    usable, and every tensor sat on an sm_80 GPU (A100). Nothing is launched: the kernels are never called."""
+    from types import SimpleNamespace
+
+    from spatial_mamba.ops import _cuda
+
+    extension = SimpleNamespace(cuda_archs="sm90")
+    monkeypatch.setitem(_cuda._EXTENSIONS, "_state_fusion_cuda", (extension, "compiled extension (stand-in)"))
+    monkeypatch.setattr(_cuda, "_device_capability", lambda t: (8, 0) if isinstance(t, torch.Tensor) else None)
+    monkeypatch.setattr(backend, "_on_cuda", lambda tensors: True)
+    monkeypatch.setattr(backend._REGISTRY["state_fusion"]["triton"], "available", lambda: (True, "triton"))
+    monkeypatch.setattr(backend, "_ANNOUNCED", set())
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    return extension
+
+
+def test_a_gpu_missing_from_the_build_goes_to_triton_with_a_warning_naming_both(hopper_only_build):
+    h, taps = torch.zeros(1, 2, 5, 5), torch.zeros(2, 25)
+    assert backend.is_available("state_fusion", "cuda")[0]
+    with pytest.warns(RuntimeWarning, match=r"state_fusion runs on the triton") as caught:
+        assert backend.choose("state_fusion", h, taps)[0] == "triton"
+    message = str(caught[0].message)
+    assert "built for sm_90" in message and "(sm_80) cannot run" in message and "TORCH_CUDA_ARCH_LIST=8.0" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per op and backend
+        backend.choose("state_fusion", h, taps)
+
+
+def test_the_same_build_serves_the_gpus_it_has_code_for(hopper_only_build, monkeypatch):
+    from spatial_mamba.ops import _cuda
+
+    h, taps = torch.zeros(1, 2, 5, 5), torch.zeros(2, 25)
+    monkeypatch.setattr(_cuda, "_device_capability", lambda t: (9, 0) if isinstance(t, torch.Tensor) else None)
+    assert backend.explain("state_fusion", h, taps).backend == "cuda"
+    hopper_only_build.cuda_archs = ""  # an extension built before architectures were recorded
+    choice = backend.explain("state_fusion", h, taps)
+    assert choice.backend == "triton" and "does not record the GPUs it was built for" in choice.passed_over["cuda"][0]
+
+
+@pytest.mark.parametrize(
+    "archs, capability, runs",
+    [
+        ("sm80_sm90_compute90", (8, 0), True),
+        ("sm80_sm90_compute90", (8, 9), True),  # sm_80 machine code runs on every 8.x GPU
+        ("sm80_sm90_compute90", (7, 5), False),
+        ("sm80_sm90_compute90", (10, 0), True),  # the compute_90 PTX, compiled by the driver
+        ("sm80_sm90", (10, 0), False),
+        ("sm86", (8, 0), False),  # machine code of a higher minor version does not run
+        ("sm90a", (9, 0), True),
+        ("sm90a_sm100a", (10, 3), False),  # arch-specific code runs on that GPU only
+    ],
+)
+def test_which_gpus_a_build_runs_on(archs, capability, runs):
+    from spatial_mamba.ops import _cuda
+
+    assert _cuda.runs_on(archs, capability) is runs
+
+
+def test_cuda_fusion_passes_planes_beyond_its_grid_to_the_next_backend():
+    from spatial_mamba.ops import _cuda
+
+    supports = backend._REGISTRY["state_fusion"]["cuda"].supports
+    huge = torch.empty(1, 1, 2**13, 2**13 + 1, device="meta")  # 256 x 257 tiles of 32 x 32
+    assert any("the cuda kernels take 65535" in reason for reason in supports(huge, torch.empty(1, 25)))
+    assert _cuda._fusion_grid_reasons(torch.empty(2, 3, 56, 56, device="meta")) == []
+    many = torch.empty(2**16, 2**15, 1, 1, device="meta")
+    assert _cuda._fusion_grid_reasons(many) == ["65536 x 32768 planes (the cuda kernels take fewer than 2**31)"]
+
+
+# ------------------------------------------------------------------ a GPU run cannot pass without the kernels
+
+
+def test_gpu_tests_fail_when_a_gpu_has_no_kernels_unless_allowed(monkeypatch):
+    from .gpu import ALLOW_MISSING, require_cuda_kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backend._REGISTRY["state_fusion"]["cuda"], "available", lambda: (False, "extension not built"))
+    monkeypatch.delenv(ALLOW_MISSING, raising=False)
+    with pytest.raises(pytest.fail.Exception, match=r"a GPU is present but the CUDA kernels are not \(.*state_fusion"):
+        require_cuda_kernels("state_fusion")
+    monkeypatch.setenv(ALLOW_MISSING, "1")
+    with pytest.raises(pytest.skip.Exception, match="allowed by SPATIAL_MAMBA_ALLOW_MISSING_CUDA=1"):
+        require_cuda_kernels("state_fusion")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(ALLOW_MISSING)
+    with pytest.raises(pytest.skip.Exception, match="needs a CUDA GPU"):
+        require_cuda_kernels("state_fusion")
