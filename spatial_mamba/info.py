@@ -31,7 +31,7 @@ def report() -> str:
                 lines.append("  -> on CUDA tensors: no GPU here")
                 continue
             try:
-                choice = backend.explain(op, _probe(device))
+                choice = backend.explain(op, _probe(device), build=False)
                 lines.append(f"  -> on {device.upper()} tensors: {choice.summary()}")
             except RuntimeError as err:
                 lines.append(f"  -> on {device.upper()} tensors: error: {err}")

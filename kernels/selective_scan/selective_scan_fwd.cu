@@ -142,10 +142,15 @@ __global__ void __launch_bounds__(256) scan_segment_carry_kernel(float* totals, 
   float state = 0.f;
   for (int i = 0; i < segments; ++i) {
     const int j = reverse ? segments - 1 - i : i;
-    const float decay = pair[2 * j];
-    pair[2 * j] = state;
-    // The map of the last segment walked was not computed (nor needed).
-    if (i + 1 < segments) state = fmaf(decay, state, pair[2 * j + 1]);
+    // The map of the last segment walked was not computed (nor needed): it is not read, so that compute-sanitizer's
+    // initcheck sees no read of uninitialised workspace.
+    if (i + 1 < segments) {
+      const float decay = pair[2 * j];
+      pair[2 * j] = state;
+      state = fmaf(decay, state, pair[2 * j + 1]);
+    } else {
+      pair[2 * j] = state;
+    }
   }
 }
 

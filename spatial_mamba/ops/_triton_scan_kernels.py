@@ -278,8 +278,9 @@ def selective_scan_bwd_kernel(
     """Reverse scan g_t = dhs_t + a_{t+1} g_{t+1} (g_t is the total gradient of x_t), then, with dt = Δ_t,
     du_t = g_t dt B_t, dB_t = sum_d g_t dt u_t, ddt_t = g_t (A a_t x_{t-1} + B_t u_t), dA = sum_t g_t a_t x_{t-1} dt.
 
-    dB_ptr is an fp32 (batch, length) buffer summed over channel blocks with atomics; dA and ddelta_bias are written
-    per (segment, batch, channel) and summed over segments and batch by the caller. Segment program_id(2) of each
+    dB_ptr is an fp32 (batch, channel blocks, length) buffer of each channel block's sum, which the caller sums over
+    the blocks in a fixed order (deterministic, unlike atomics); dA and ddelta_bias are written per (segment, batch,
+    channel) and summed over segments and batch by the caller. Segment program_id(2) of each
     row (the whole row when n_segments is 1); totals_ptr is read only for split rows.
     """
     batch = tl.program_id(0).to(tl.int64)
@@ -294,7 +295,7 @@ def selective_scan_bwd_kernel(
     du_ptr += block
     ddelta_ptr += block
     B_ptr += batch * length
-    dB_ptr += batch * length
+    dB_ptr += (batch * tl.num_programs(1) + tl.program_id(1)) * length
     rows = tl.arange(0, BLOCK_D) * length
     A = tl.load(A_ptr + channels, mask=channel_mask, other=0.0)
     bias = tl.zeros((BLOCK_D,), tl.float32)
@@ -339,7 +340,7 @@ def selective_scan_bwd_kernel(
 
         g_dt = g * dt
         tl.store(du_ptr + offsets, (g_dt * Bt[None, :]).to(du_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_add(dB_ptr + positions, tl.sum(g_dt * u, axis=0), mask=position_mask)
+        tl.store(dB_ptr + positions, tl.sum(g_dt * u, axis=0), mask=position_mask)
         decayed_prev = decay * x_prev
         dA += tl.sum(g_dt * decayed_prev, axis=1)
         ddt = g * (A[:, None] * decayed_prev + Bt[None, :] * u)

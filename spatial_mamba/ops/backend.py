@@ -99,6 +99,8 @@ class _Impl:
     available: Callable[[], Tuple[bool, str]] = _always
     # Returns the reasons this backend cannot take the given inputs (empty when it can).
     supports: Supports = _no_limits
+    # Like ``available``, but without building anything (``describe``, ``explain(build=False)``); None: ``available``.
+    status: Callable[[], Tuple[bool, str]] | None = None
 
 
 @dataclass
@@ -136,16 +138,19 @@ def register(
     available: Callable[[], Tuple[bool, str]] | None = None,
     *,
     supports: Supports | None = None,
+    status: Callable[[], Tuple[bool, str]] | None = None,
 ):
     """Registers ``fn`` as ``backend``'s implementation of ``op``.
 
     available: () -> (bool, reason), whether the backend can run at all here (Triton installed, extension built).
     supports: (*tensors) -> reasons, why it cannot take these inputs (empty when it can). It receives the tensors the
     op passes to ``select``/``choose`` (None for absent optional ones).
+    status: () -> (bool, reason) like ``available`` but without building anything, for a backend that builds at its
+    first use (the ``cpu`` kernels): what ``describe`` reports.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, available or _always, supports or _no_limits)
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, available or _always, supports or _no_limits, status)
 
 
 def registered(op: str) -> Tuple[str, ...]:
@@ -215,7 +220,7 @@ def _on_cuda(tensors: Sequence) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
 
 
-def _reasons(op: str, backend: str, tensors: Sequence, on_cuda: bool) -> Tuple[List[str], bool]:
+def _reasons(op: str, backend: str, tensors: Sequence, on_cuda: bool, build: bool = True) -> Tuple[List[str], bool]:
     """Why ``backend`` cannot run ``op`` on ``tensors`` (empty when it can), and whether it is unavailable here."""
     impl = _REGISTRY.get(op, {}).get(backend)
     if impl is None:
@@ -227,7 +232,7 @@ def _reasons(op: str, backend: str, tensors: Sequence, on_cuda: bool) -> Tuple[L
         reasons = list(impl.supports(*tensors))
         if reasons:
             return reasons, False
-    ok, reason = impl.available()
+    ok, reason = impl.available() if build or impl.status is None else impl.status()
     if not ok:
         return [reason], True
     if backend == "cuda" and not on_cuda:
@@ -252,17 +257,18 @@ def _announce(choice: Choice, warn: bool = False):
     logger.info(message)
 
 
-def explain(op: str, *tensors) -> Choice:
+def explain(op: str, *tensors, build: bool = True) -> Choice:
     """The dispatcher's decision for ``op`` on ``tensors``, with the reasons; raises if a forced backend can't run.
 
-    ``tensors`` are the op's inputs as its public function passes them (None for absent optional ones).
+    ``tensors`` are the op's inputs as its public function passes them (None for absent optional ones). With
+    ``build=False`` a backend that builds at its first use (the ``cpu`` kernels) is judged by its status, unbuilt.
     """
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}")
     on_cuda = _on_cuda(tensors)
     forced, forced_by = _forced(op)
     if forced is not None:
-        reasons, _ = _reasons(op, forced, tensors, on_cuda)
+        reasons, _ = _reasons(op, forced, tensors, on_cuda, build)
         if reasons:
             raise RuntimeError(f"{forced_by} was asked for, but {op} cannot run on it: {'; '.join(reasons)}")
         return Choice(op, forced, _REGISTRY[op][forced].fn, f"forced by {forced_by}", forced_by=forced_by)
@@ -271,7 +277,7 @@ def explain(op: str, *tensors) -> Choice:
     # On the CPU, a backend without an implementation of this op is not part of its walk.
     order = CUDA_ORDER if on_cuda else tuple(name for name in CPU_ORDER if name in _REGISTRY[op])
     for name in order:
-        reasons, missing = _reasons(op, name, tensors, on_cuda)
+        reasons, missing = _reasons(op, name, tensors, on_cuda, build)
         if not reasons:
             why = "CPU tensors" if not on_cuda else ("first able backend" if passed_over else "fastest backend")
             return Choice(op, name, _REGISTRY[op][name].fn, why, passed_over, unavailable=unavailable)
@@ -319,7 +325,8 @@ def select(op: str, *tensors) -> Callable:
 
 
 def describe() -> Dict[str, Dict[str, str]]:
-    """For each op and backend, whether it is available on this machine and why (before looking at inputs)."""
+    """For each op and backend, whether it is available on this machine and why (before looking at inputs). Nothing
+    is built: the ``cpu`` kernels report whether they are compiled yet, or where they will be."""
     report = {}
     for op, impls in sorted(_REGISTRY.items()):
         report[op] = {}
@@ -327,6 +334,7 @@ def describe() -> Dict[str, Dict[str, str]]:
             if backend not in impls:
                 report[op][backend] = "not implemented"
                 continue
-            ok, reason = impls[backend].available()
+            impl = impls[backend]
+            ok, reason = (impl.status or impl.available)()
             report[op][backend] = ("available: " if ok else "unavailable: ") + reason
     return report

@@ -4,7 +4,9 @@
 The kernels are plain C++ over raw float pointers (no torch headers), compiled with g++ on first use
 (``-O3 -march=native -fopenmp``) into a cache directory, ``$SPATIAL_MAMBA_CACHE`` or
 ``~/.cache/spatial_mamba/cpu_kernels/``, under a name keyed by the source, the flags, the compiler's version and the
-CPU's flags; the library is written to a temporary name and renamed, so concurrent processes never load half a file.
+CPU's flags. One process of the machine compiles, under a file lock in the cache directory, while the others wait;
+the library is written to a temporary name and renamed, so no process loads half a file, and it is readable by the
+users the umask allows, so a shared ``$SPATIAL_MAMBA_CACHE`` serves them all. ``status()`` reports without compiling.
 It is loaded with ctypes and called from torch.autograd.Functions with the tensors' data pointers, on
 ``torch.get_num_threads()`` OpenMP threads. ``$SPATIAL_MAMBA_CXX`` names another compiler.
 
@@ -20,6 +22,7 @@ FX proxies, fake and meta tensors), to which a ctypes call is invisible; the ref
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -29,7 +32,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 
@@ -42,6 +45,7 @@ __all__ = [
     "SOURCES",
     "available",
     "cache_dir",
+    "status",
     "describe_cpu",
     "fused_observation_cpu",
     "selective_scan_cpu",
@@ -111,8 +115,9 @@ def _summary(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _build(cxx: str, directory: Path) -> Tuple[Path | None, str]:
-    """(path of the compiled library, why); the path is None when it cannot be built."""
+def _target(cxx: str, directory: Path) -> Tuple[Path | None, str]:
+    """(where the library for these sources, flags, compiler and CPU is or will be, why); None when it cannot be
+    built. Compiles nothing."""
     missing = [str(path) for path in SOURCES + HEADERS if not path.is_file()]
     if missing:
         return None, f"the kernel sources {', '.join(missing)} are missing (the package is incomplete)"
@@ -124,21 +129,60 @@ def _build(cxx: str, directory: Path) -> Tuple[Path | None, str]:
         return None, f"{cxx} --version failed: {error}"
     parts = [path.read_bytes() for path in SOURCES + HEADERS] + [" ".join(CXX_FLAGS).encode(), version.encode()]
     key = hashlib.sha256(b"\0".join([*parts, _cpu_flags().encode()]))
-    target = directory / f"state_fusion_{key.hexdigest()[:20]}.so"
-    if target.is_file():
-        return target, f"compiled CPU kernels {target}"
+    return directory / f"state_fusion_{key.hexdigest()[:20]}.so", f"compiled CPU kernels in {directory}"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _machine_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` shared by every process of the machine (``flock``; none where it is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: the atomic rename below still keeps half-written files out
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(cxx: str, directory: Path) -> Tuple[Path | None, str]:
+    """(path of the compiled library, why); the path is None when it cannot be built.
+
+    One process of the machine compiles (under a lock in the cache directory); the others wait for it and load its
+    library. The library is readable by whoever the umask lets read new files, so a shared cache serves every user.
+    """
+    target, why = _target(cxx, directory)
+    if target is None or target.is_file():
+        return target, f"compiled CPU kernels {target}" if target is not None else why
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(suffix=".so", prefix=".build_", dir=directory)
-        os.close(handle)
+        with _machine_lock(directory / ".lock"):
+            if target.is_file():  # another process compiled it while this one waited
+                return target, f"compiled CPU kernels {target}"
+            return _compile(cxx, target)
     except OSError as error:
         return None, f"the cache directory {directory} is not writable ({error})"
+
+
+def _compile(cxx: str, target: Path) -> Tuple[Path | None, str]:
+    handle, temp = tempfile.mkstemp(suffix=".so", prefix=".build_", dir=target.parent)
+    os.close(handle)
     try:
         result = subprocess.run(
             [cxx, *CXX_FLAGS, "-o", temp, *map(str, SOURCES)], capture_output=True, text=True, timeout=600
         )
         if result.returncode != 0:
             return None, f"{cxx} failed to compile {SOURCE_DIR}: {_summary(result.stderr + result.stdout)}"
+        os.chmod(temp, 0o755 & ~_umask())  # mkstemp made it private to this user
         os.replace(temp, target)
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"{cxx} failed to compile {SOURCE_DIR}: {error}"
@@ -194,6 +238,20 @@ def available() -> Tuple[bool, str]:
     """(True, the library's path) once the kernels are compiled and loaded; (False, why) otherwise."""
     library, why = _library()
     return library is not None, why
+
+
+def status() -> Tuple[bool, str]:
+    """Like ``available()``, without compiling: whether the kernels are loaded, compiled or can be compiled here."""
+    key = (_compiler(), str(cache_dir()))
+    if key in _LOADED:
+        library, why = _LOADED[key]
+        return library is not None, why
+    target, why = _target(key[0], Path(key[1]))
+    if target is None:
+        return False, why
+    if target.is_file():
+        return True, f"compiled CPU kernels {target} (loaded at first use)"
+    return True, f"not compiled yet: {key[0]} compiles them at first use into {target.parent}"
 
 
 def _tracing() -> str:
@@ -397,6 +455,8 @@ def selective_scan_cpu(u, delta, A, B, delta_bias, delta_softplus) -> torch.Tens
     )
 
 
-backend.register("state_fusion", "cpu", state_fusion_cpu, available, supports=supports)
-backend.register("selective_scan", "cpu", selective_scan_cpu, available, supports=supports_selective_scan)
-backend.register("fused_observation", "cpu", fused_observation_cpu, available, supports=supports)
+backend.register("state_fusion", "cpu", state_fusion_cpu, available, supports=supports, status=status)
+backend.register(
+    "selective_scan", "cpu", selective_scan_cpu, available, supports=supports_selective_scan, status=status
+)
+backend.register("fused_observation", "cpu", fused_observation_cpu, available, supports=supports, status=status)

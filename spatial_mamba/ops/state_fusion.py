@@ -154,6 +154,15 @@ def _check_states(h: torch.Tensor, channels: int):
         raise ValueError(f"state fusion: h must have height and width >= 1; got {tuple(h.shape)}")
 
 
+def _check_devices(op: str, **tensors: torch.Tensor):
+    """One device for every input: on the GPU kernels a stray CPU or other-GPU tensor is an illegal address, not an
+    error message."""
+    devices = [t.device for t in tensors.values()]
+    if any(device != devices[0] for device in devices):
+        found = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+        raise ValueError(f"{op}: all inputs must be on one device; got {found}")
+
+
 def _fusion_taps_for(h, kernel_3, kernel_3_1, kernel_3_2, alpha) -> torch.Tensor:
     """The (C, 25) taps in the dtype the backends take: float32, or float64 for float64 h."""
     taps = fusion_taps(kernel_3, kernel_3_1, kernel_3_2, alpha)
@@ -184,6 +193,8 @@ def fused_observation(h, kernel_3, kernel_3_1, kernel_3_2, alpha, C, u, D) -> to
         raise TypeError(f"fused observation: u and C must share one float dtype; got {u.dtype} and {C.dtype}")
     if D.shape != (channels,):
         raise ValueError(f"fused observation: D must be (channels={channels},); got {tuple(D.shape)}")
+    kernels = dict(kernel_3=kernel_3, kernel_3_1=kernel_3_1, kernel_3_2=kernel_3_2, alpha=alpha)
+    _check_devices("fused observation", h=h, **kernels, C=C, u=u, D=D)
     taps = _fusion_taps_for(h, kernel_3, kernel_3_1, kernel_3_2, alpha)
     D = D.to(taps.dtype)
     tokens = backend.token_major(h)
@@ -209,6 +220,7 @@ def state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, path: str = "auto")
         raise ValueError(f"state fusion: path must be one of {', '.join(PATHS)}; got {path!r}")
     channels = _check_kernels(kernel_3, kernel_3_1, kernel_3_2, alpha)
     _check_states(h, channels)
+    _check_devices("state fusion", h=h, kernel_3=kernel_3, kernel_3_1=kernel_3_1, kernel_3_2=kernel_3_2, alpha=alpha)
     if path in ("auto", "taps"):
         taps = _fusion_taps_for(h, kernel_3, kernel_3_1, kernel_3_2, alpha)
         h = backend.as_layout(h, backend.token_major(h))

@@ -25,7 +25,7 @@ MIN_TRITON_VERSION = (3, 0)
 # the input is large enough, and walks longer sequences tile by tile with the state carried over. Short sequences get
 # more channels per program. 512 elements over 4 warps (4 per thread) compile for sm_90 to at most 48 registers
 # forward and 88 backward, without spills (tests/ops/test_triton_scan.py checks the spills), and at least 2 channels
-# per program halve the dB atomics of the backward pass. Not tuned on a GPU yet.
+# per program halve the dB partial rows of the backward pass. Not tuned on a GPU yet.
 MAX_BLOCK_L = 256
 TILE_ELEMENTS = 512
 NUM_WARPS = 4
@@ -200,7 +200,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
         du = torch.empty_like(u)
         ddelta = torch.empty_like(delta)
         dA_partial = torch.empty((segments, batch, n_channels), device=u.device, dtype=torch.float32)
-        dB = torch.zeros((batch, length), device=u.device, dtype=torch.float32)
+        # One row of dB per channel block, every position written by the segment holding it; summed below in a fixed
+        # order, so that the backward is deterministic.
+        dB_partial = torch.empty((batch, grid[1], length), device=u.device, dtype=torch.float32)
         ddelta_bias_partial = None if delta_bias is None else torch.empty_like(dA_partial)
         totals = _segment_totals(u, segments)
         bias = A if delta_bias is None else delta_bias
@@ -221,7 +223,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
                 du,
                 ddelta,
                 dA_partial,
-                dB,
+                dB_partial,
                 dA_partial if delta_bias is None else ddelta_bias_partial,  # never written without a bias
                 totals,
                 n_channels,
@@ -231,7 +233,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
                 **flags,
             )
         dA = dA_partial.sum((0, 1)).view_as(A).to(A.dtype)
-        dB = dB.view_as(B).to(B.dtype)
+        dB = dB_partial.sum(1).view_as(B).to(B.dtype)
         ddelta_bias = None if delta_bias is None else ddelta_bias_partial.sum((0, 1)).to(delta_bias.dtype)
         return du, ddelta, dA, dB, ddelta_bias, None, None
 

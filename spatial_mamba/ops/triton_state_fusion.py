@@ -209,8 +209,14 @@ class _FusedObservationTriton(torch.autograd.Function):
 
 
 def supports(h=None, taps=None, *rest):
-    """Why the Triton fusion kernels cannot take these inputs (the same limits as the CUDA kernels)."""
-    return supports_state_fusion(h, taps)
+    """Why the Triton fusion kernels cannot take these inputs: the CUDA kernels' dtype and plane limits, and a grid
+    whose second or third axis (row and column tiles of a plane) would pass CUDA's 65535."""
+    reasons = supports_state_fusion(h, taps)
+    if isinstance(h, torch.Tensor) and h.dim() == 4 and h.numel():
+        grid = _tiling(h.shape[0] * h.shape[1], h.shape[2], h.shape[3])[0]
+        if max(grid[1:]) > 65535:
+            reasons.append(f"a {h.shape[2]}x{h.shape[3]} plane ({grid[1]} x {grid[2]} tiles; the grid takes 65535)")
+    return reasons
 
 
 def _check(h: torch.Tensor, taps: torch.Tensor):

@@ -105,16 +105,28 @@ def sequential_scan(u, delta, A, B, delta_bias, delta_softplus):
     return SequentialRecurrence.apply(decay, drive)
 
 
-def scan_inputs(batch, channels, length, dtype, delta_softplus=True, with_bias=True, device="cpu", seed=0, states=1):
+def scan_inputs(
+    batch, channels, length, dtype, delta_softplus=True, with_bias=True, device="cpu", seed=0, states=1, memory="short"
+):
     """Inputs in the model's ranges (``classification/models/spatialmamba.py``: A = -exp(A_log) with A_log in
     log[1, 16], delta_bias drawn as the model initialises it, ``dt_bias_init``: the inverse softplus of Δ,
     log-uniform in [1e-3, 0.1]) plus the gradient dhs: ({u, delta, A, B, delta_bias}, dhs). With the softplus, some
-    raw deltas sit on both sides of its threshold (25 and -30)."""
+    raw deltas sit on both sides of its threshold (25 and -30): Δ = 25 every 11 positions resets the state.
+
+    ``memory="long"``: no resets and the slowest decays of the model at its initialisation (A = -1, the N = 1 init,
+    Δ log-uniform in [1e-4, 1e-3]): the state remembers 1,000 to 10,000 positions, so rounding in the decays
+    accumulates along the whole row (a 1333x800 detection image at stride 4 is a row of 66,600)."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, channels, length, generator=gen)
     A = -torch.empty(channels, states).uniform_(0.5, 4.0, generator=gen)
     B = torch.randn(batch, states, length, generator=gen)
-    if delta_softplus:
+    if memory == "long":
+        A = -torch.ones(channels, states)
+        delta = 0.05 * torch.randn(batch, channels, length, generator=gen)
+        bias = dt_bias_init(channels, dt_min=1e-4, dt_max=1e-3, generator=gen)
+        if not delta_softplus:
+            delta, bias = (torch.rand(batch, channels, length, generator=gen) + 1) * 1e-4, torch.full((channels,), 1e-4)
+    elif delta_softplus:
         delta = torch.randn(batch, channels, length, generator=gen) - 3.0
         delta[..., 1::11] = 25.0
         delta[..., 2::13] = -30.0

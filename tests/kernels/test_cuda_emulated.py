@@ -181,13 +181,22 @@ def test_emulated_split_rows_match_reference(emulated, case):
 
 
 @pytest.mark.slow
-def test_emulated_split_rows_match_reference_on_a_detection_row(emulated):
+@pytest.mark.parametrize("memory", ["short", "long"])
+def test_emulated_split_rows_match_reference_on_a_detection_row(emulated, memory):
     # A 1333x800 image at stride 4 is 66,600 tokens; at batch 2 and D = 128 the rule cuts rows into 8 segments on a
-    # 132-SM GPU. Two such rows here, bfloat16 inputs, against the float64 loop.
+    # 132-SM GPU. Two such rows here, bfloat16 inputs, against the float64 loop; with long memory (no resets, the
+    # slowest decays of the model's initialisation) the segments' composed maps carry the state across the cuts.
     segments = emulated.emu_scan_split_segments(*_sizes(2, 128, 66_600, 132))
     assert segments == 8
-    inputs, dhs = scan_inputs(1, 2, 66_600, torch.bfloat16, device="cpu")
+    inputs, dhs = scan_inputs(1, 2, 66_600, torch.bfloat16, device="cpu", memory=memory)
     hs, grads = emulated_scan(emulated, inputs, True, dhs, segments)
+    check_scan(hs, grads, inputs, True, dhs)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 66_600), (2, 16, 3136)], ids=str)
+def test_emulated_whole_rows_with_long_memory_match_reference(emulated, shape):
+    inputs, dhs = scan_inputs(*shape, torch.float32, device="cpu", memory="long")
+    hs, grads = emulated_scan(emulated, inputs, True, dhs)
     check_scan(hs, grads, inputs, True, dhs)
 
 

@@ -8,7 +8,10 @@ float64 result, sums over batch, plane or channels within 1e-4 * max).
 
 import os
 import stat
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,11 +181,17 @@ def test_tracing_declines_before_the_kernels_are_compiled(monkeypatch, tmp_path)
 @needs_kernels
 def test_a_fresh_cache_compiles_the_library_once_and_loads_it(monkeypatch, tmp_path):
     monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path))
-    ok, why = cpu_kernels.available()
+    old_umask = os.umask(0o022)
+    try:
+        ok, why = cpu_kernels.available()
+    finally:
+        os.umask(old_umask)
     assert ok, why
-    built = sorted(p.name for p in tmp_path.iterdir())
+    built = sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock")
     assert len(built) == 1 and built[0].startswith("state_fusion_") and built[0].endswith(".so"), built
     assert str(tmp_path) in why
+    # Shared caches: under umask 022 the group and other users can read and load it.
+    assert stat.S_IMODE((tmp_path / built[0]).stat().st_mode) == 0o755
     # A second process-wide look-up reuses the loaded library; a new process would reuse the file.
     assert cpu_kernels.available() == (ok, why)
     h, taps, dy = parity.fusion_inputs(1, 2, 6, 9, torch.float32)
@@ -207,7 +216,8 @@ def test_a_failing_compile_makes_the_backend_unavailable_with_the_error(monkeypa
     ok, why = cpu_kernels.available()
     assert not ok
     assert "failed to compile" in why and "this compiler is broken" in why
-    assert not [name for name in os.listdir(tmp_path / "cache")], "the failed build left files behind"
+    left = [name for name in os.listdir(tmp_path / "cache") if name != ".lock"]
+    assert not left, f"the failed build left files behind: {left}"
 
 
 def test_a_missing_compiler_makes_the_backend_unavailable(monkeypatch, tmp_path):
@@ -358,3 +368,49 @@ def test_describe_cpu_names_the_vector_extensions_the_kernels_width_depends_on(m
     assert cpu_kernels.describe_cpu().endswith("(avx2 fma avx512f)")
     monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "sse2")
     assert cpu_kernels.describe_cpu().endswith("(no SIMD flags)")
+
+
+def _logging_compiler(tmp_path, seconds: float = 0.0) -> str:
+    """A compiler that writes one line per call to compiles.log, takes ``seconds`` per compile and writes a library
+    that does not load (what is counted here is who compiles, not what)."""
+    script = tmp_path / "logging-g++"
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo "logging 1.0"; exit 0; fi\n'
+        f'echo "compile $$" >> "{tmp_path}/compiles.log"\n'
+        f"sleep {seconds}\n"
+        'while [ "$1" != "-o" ]; do shift; done\n'
+        'echo "not a library" > "$2"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_describing_the_backends_compiles_nothing(monkeypatch, tmp_path):
+    from spatial_mamba import info
+
+    monkeypatch.setenv(cpu_kernels.CXX_ENV, _logging_compiler(tmp_path))
+    monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path / "cache"))
+    status = backend.describe()["state_fusion"]["cpu"]
+    report = info.report()
+    assert not (tmp_path / "compiles.log").exists(), (tmp_path / "compiles.log").read_text()
+    assert status.startswith("available: not compiled yet") and str(tmp_path / "cache") in status
+    assert "-> on CPU tensors: cpu" in report
+
+
+@pytest.mark.slow
+def test_concurrent_processes_compile_once_per_machine(tmp_path):
+    """Two processes (ranks of one job) ask for the kernels at once with an empty cache: one compiles while the
+    other waits for it and reuses its library."""
+    env = {
+        **os.environ,
+        cpu_kernels.CXX_ENV: _logging_compiler(tmp_path, seconds=3),
+        cpu_kernels.CACHE_ENV: str(tmp_path / "cache"),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
+    code = "from spatial_mamba.ops import cpu_kernels; print(cpu_kernels.available())"
+    ranks = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in "01"]
+    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), outputs
+    assert len((tmp_path / "compiles.log").read_text().splitlines()) == 1, outputs
+    assert all("does not load" in output for output in outputs), outputs  # both found the one library

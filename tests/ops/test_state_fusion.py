@@ -131,3 +131,16 @@ def test_merge_rejects_mismatched_kernels():
     kernels = [torch.zeros(3, 1, 3, 3), torch.zeros(4, 1, 3, 3), torch.zeros(3, 1, 3, 3)]
     with pytest.raises(ValueError, match=r"kernel_3_1 must be \(channels=3, 1, 3, 3\)"):
         merge_state_fusion_kernels(*kernels, torch.zeros(3))
+
+
+def test_inputs_on_two_devices_are_refused_naming_each_device():
+    from spatial_mamba.ops import fused_observation
+
+    h = torch.zeros(1, 2, 4, 4)
+    kernels = [torch.zeros(2, 1, 3, 3) for _ in range(3)]
+    alpha = torch.ones(3, device="meta")
+    with pytest.raises(ValueError, match=r"state fusion: all inputs must be on one device; .*alpha on meta"):
+        state_fusion(h, *kernels, alpha)
+    C, u, D = torch.zeros(1, 4, 4), torch.zeros(1, 2, 4, 4), torch.zeros(2, device="meta")
+    with pytest.raises(ValueError, match=r"fused observation: all inputs must be on one device; .*D on meta"):
+        fused_observation(h, *kernels, torch.ones(3), C, u, D)

@@ -222,3 +222,10 @@ def test_interpreted_kernels_observation_over_channel_groups_and_tiles(monkeypat
 @pytest.mark.skipif(GPU, reason="the GPU runs the interpreted tests in this process")
 def test_interpreted_kernels_pass_in_a_child_process():
     assert_interpreted_tests_pass(THIS_FILE, keyword="interpreted_kernels and not child_process")
+
+
+def test_planes_beyond_the_triton_grid_go_to_the_next_backend():
+    tall = torch.empty(1, 1, 2**26, 1, device="meta")  # 131072 row tiles of 512
+    reasons = triton_state_fusion.supports(tall, torch.empty(1, 25))
+    assert any("the grid takes 65535" in reason for reason in reasons), reasons
+    assert triton_state_fusion.supports(torch.empty(2, 3, 56, 56, device="meta"), torch.empty(3, 25)) == []
