@@ -200,14 +200,18 @@ def test_a_fresh_cache_compiles_the_library_once_and_loads_it(monkeypatch, tmp_p
     parity.check_fusion(out, dh, dtaps, h, taps, dy)
 
 
-def _failing_compiler(tmp_path):
-    script = tmp_path / "broken-g++"
-    script.write_text(
-        '#!/bin/sh\nif [ "$1" = "--version" ]; then echo "broken 1.0"; exit 0; fi\n'
-        'echo "state_fusion.cpp:1:1: error: this compiler is broken" >&2\nexit 1\n'
-    )
+def _fake_compiler(tmp_path, name: str, compile_body: str) -> str:
+    """A compiler script named ``name`` that answers ``--version`` and runs ``compile_body`` for a compile."""
+    script = tmp_path / name
+    script.write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then echo "{name} 1.0"; exit 0; fi\n{compile_body}')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script)
+
+
+def _failing_compiler(tmp_path):
+    return _fake_compiler(
+        tmp_path, "broken-g++", 'echo "state_fusion.cpp:1:1: error: this compiler is broken" >&2\nexit 1\n'
+    )
 
 
 def test_a_failing_compile_makes_the_backend_unavailable_with_the_error(monkeypatch, tmp_path):
@@ -371,19 +375,14 @@ def test_describe_cpu_names_the_vector_extensions_the_kernels_width_depends_on(m
 
 
 def _logging_compiler(tmp_path, seconds: float = 0.0) -> str:
-    """A compiler that writes one line per call to compiles.log, takes ``seconds`` per compile and writes a library
+    """A compiler that writes one line per compile to compiles.log, takes ``seconds`` per compile and writes a library
     that does not load (what is counted here is who compiles, not what)."""
-    script = tmp_path / "logging-g++"
-    script.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = "--version" ]; then echo "logging 1.0"; exit 0; fi\n'
-        f'echo "compile $$" >> "{tmp_path}/compiles.log"\n'
-        f"sleep {seconds}\n"
-        'while [ "$1" != "-o" ]; do shift; done\n'
-        'echo "not a library" > "$2"\n'
+    return _fake_compiler(
+        tmp_path,
+        "logging-g++",
+        f'echo "compile $$" >> "{tmp_path}/compiles.log"\nsleep {seconds}\n'
+        'while [ "$1" != "-o" ]; do shift; done\necho "not a library" > "$2"\n',
     )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return str(script)
 
 
 def test_describing_the_backends_compiles_nothing(monkeypatch, tmp_path):
