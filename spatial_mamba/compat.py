@@ -54,20 +54,21 @@ def unavailable(feature: str, needs: str, instead: str = "", error: bool = False
     return message
 
 
-def is_compiling() -> bool:
-    """True while torch.compile (or torch.export, which traces with it) traces the code."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):  # torch 2.3
-        return compiler.is_compiling()
-    return torch._dynamo.is_compiling()
-
-
-def is_exporting() -> bool:
-    """True while torch.export traces the code (torch 2.5 tells it apart; before, export is also ``is_compiling``)."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_exporting"):
-        return compiler.is_exporting()
+def _never() -> bool:
     return False
+
+
+# Chosen once, so that the hot paths call torch's own function, which torch.compile recognises while it traces.
+# is_compiling: true while torch.compile (or torch.export, which traces with it) traces the code (torch.compiler's,
+# torch 2.3; before, torch._dynamo's). is_exporting: true while torch.export traces (torch 2.5 tells it apart; before,
+# export is also is_compiling).
+if hasattr(torch.compiler, "is_compiling"):
+    is_compiling = torch.compiler.is_compiling
+else:
+    import torch._dynamo
+
+    is_compiling = torch._dynamo.is_compiling
+is_exporting = getattr(torch.compiler, "is_exporting", None) or _never
 
 
 def _fx_tracing_test() -> Callable[[], bool]:
@@ -149,8 +150,7 @@ def safe_globals() -> list:
 
 class _EagerCustomOp:
     """What the CUDA bindings use of ``torch.library.custom_op`` where torch lacks it (< 2.4): the function called
-    directly, differentiable through an autograd.Function built from the registered backward. torch.compile cannot
-    look inside it and breaks its graph there; it says so, once, when that happens."""
+    directly, differentiable through an autograd.Function built from the registered backward."""
 
     def __init__(self, name: str, fn: Callable):
         self.name, self._fn, self._function = name, fn, None
@@ -175,12 +175,7 @@ class _EagerCustomOp:
         self._function = Function
 
     def __call__(self, *args):
-        if is_compiling():
-            unavailable(
-                f"torch.compile support of {self.name}",
-                "torch >= 2.4 (torch.library.custom_op)",
-                "the kernel runs eagerly between compiled graphs",
-            )
+        # Under torch.compile the public ops around these calls run eagerly and say so (``eager_op``).
         return self._fn(*args) if self._function is None else self._function.apply(*args)
 
 
