@@ -24,7 +24,7 @@ import timm
 import torch
 
 import spatial_mamba  # noqa: F401  (registers spatial_mamba_* with timm)
-from spatial_mamba.ops import cpu_kernels
+from spatial_mamba.ops.backends import cpu as cpu_kernels
 
 MODELS = {
     "Spatial-Mamba-T": "spatial_mamba_tiny",

@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import spatial_mamba  # noqa: F401  (registers spatial_mamba_* with timm)
-from spatial_mamba.ops import cpu_kernels
+from spatial_mamba.ops.backends import cpu as cpu_kernels
 
 
 def table(prof, top: int):

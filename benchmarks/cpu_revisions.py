@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import spatial_mamba
-from spatial_mamba.ops import cpu_kernels
+from spatial_mamba.ops.backends import cpu as cpu_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_peers import CASES, step_fn, time_interleaved  # noqa: E402

@@ -1,5 +1,5 @@
 """CPU benchmark of the state fusion, the fused observation and the selective scan: the reference backend against the
-compiled ``cpu`` backend (``spatial_mamba/ops/csrc/``) at Spatial-Mamba-T's four stage shapes (224x224, batch 8).
+compiled ``cpu`` backend (``spatial_mamba/ops/backends/cpu``) at Spatial-Mamba-T's four stage shapes (224x224, batch 8).
 
     .venv/bin/python benchmarks/fusion_cpu.py [--batch 8] [--rounds 7] [--threads N] [--ops state_fusion ...]
         [--out results/fusion_cpu.json]

@@ -14,8 +14,8 @@ Architectures come from ``TORCH_CUDA_ARCH_LIST``; when it is not set, torch buil
 GPU visible (how wheels and containers are built) this plan builds for Ampere and Hopper with PTX ("8.0;9.0+PTX"):
 sm_80 code runs on every 8.x GPU (A100, A10, L4, L40S, RTX 30xx/40xx), sm_90 on Hopper, and the PTX is compiled by
 the driver for anything newer. Each extension records what it was built for (``cuda_archs``, e.g.
-``"sm80_sm90_compute90"``); ``spatial_mamba/ops/_cuda.py`` checks it against each tensor's device, so a GPU the build
-cannot serve goes to the Triton kernels instead of failing at the first launch.
+``"sm80_sm90_compute90"``); ``spatial_mamba.ops.backends.cuda`` checks it against each tensor's device, so a GPU
+the build cannot serve goes to the Triton kernels instead of failing at the first launch.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ CUDA_SOURCES = [
     "kernels/state_fusion/observation_kernels.cu",
 ]
 CPU_SOURCES = [
-    "spatial_mamba/ops/csrc/selective_scan.cpp",
-    "spatial_mamba/ops/csrc/state_fusion.cpp",
-    "spatial_mamba/ops/csrc/simd.h",
+    "spatial_mamba/ops/backends/cpu/selective_scan.cpp",
+    "spatial_mamba/ops/backends/cpu/state_fusion.cpp",
+    "spatial_mamba/ops/backends/cpu/simd.h",
 ]
 
 
@@ -106,7 +106,8 @@ TRAIN_AND_EVALUATE = """
     from sklearn.datasets import load_digits
 
     import spatial_mamba
-    from spatial_mamba.ops import backend, cpu_kernels
+    from spatial_mamba.ops import backend
+    from spatial_mamba.ops.backends import cpu as cpu_kernels
 
     site = Path(sys.argv[1])
     assert Path(spatial_mamba.__file__).resolve().is_relative_to(site.resolve()), spatial_mamba.__file__

@@ -4,8 +4,8 @@ Every op (``selective_scan``, ``dwconv2d``, ``state_fusion``, ``fused_observatio
 
 1. ``cuda``: the compiled extension from ``kernels/`` (``SPATIAL_MAMBA_BUILD_CUDA=1``), for CUDA tensors;
 2. ``triton``: Triton kernels, for CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1`` when forced);
-3. ``cpu``: C++ kernels from ``spatial_mamba/ops/csrc/``, compiled with g++ on first use, for float32 CPU tensors
-   (``state_fusion``, ``fused_observation``, ``selective_scan`` with d_state 1; ``spatial_mamba/ops/cpu_kernels.py``);
+3. ``cpu``: C++ kernels in ``backends/cpu/``, compiled with g++ on first use, for float32 CPU tensors
+   (``state_fusion``, ``fused_observation``, ``selective_scan`` with d_state 1);
 4. ``reference``: pure PyTorch, every device and dtype.
 
 A backend can decline by *what the inputs need*, not only by being absent: each registration may pass

@@ -25,7 +25,7 @@ import torch
 
 from spatial_mamba import compat
 from spatial_mamba.ops import backend, depthwise_conv2d_replicate, selective_scan_fn
-from spatial_mamba.ops.triton_scan import triton_installed
+from spatial_mamba.ops.backends.triton.selective_scan import triton_installed
 
 from . import parity
 from .gpu import require_cuda_kernels
@@ -136,7 +136,8 @@ def test_triton_scan_backward_is_deterministic():
     """dB sums over channel blocks: the Triton backward writes one partial row per block and sums them in a fixed
     order (an atomic add would be the only nondeterministic backward, and invisible to
     torch.use_deterministic_algorithms). 40 channels make several channel blocks."""
-    from spatial_mamba.ops import _triton_scan_kernels, triton_scan
+    from spatial_mamba.ops.backends.triton import selective_scan as triton_scan
+    from spatial_mamba.ops.backends.triton import selective_scan_kernels as _triton_scan_kernels
 
     assert "tl.atomic" not in inspect.getsource(_triton_scan_kernels)
     inputs, dhs = parity.scan_inputs(2, 40, 300, torch.float32, device=device_for("triton"))
@@ -163,7 +164,7 @@ if GPU:
 @pytest.mark.skipif(not GPU and not INTERPRETED, reason="no GPU: runs in the interpreter, in a child process")
 @pytest.mark.parametrize("shape, segments, dtype, softplus", TRITON_SPLIT_CASES, ids=str)
 def test_triton_split_rows_parity(shape, segments, dtype, softplus):
-    from spatial_mamba.ops import triton_scan
+    from spatial_mamba.ops.backends.triton import selective_scan as triton_scan
 
     inputs, dhs = parity.scan_inputs(*shape, dtype, softplus, softplus, device=device_for("triton"))
 

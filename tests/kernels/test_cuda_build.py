@@ -3,7 +3,7 @@
 The compile test needs the CUDA toolkit but no GPU. It runs ``setup.py build_ext`` with SPATIAL_MAMBA_BUILD_CUDA=1,
 TORCH_CUDA_ARCH_LIST=9.0 and MAX_JOBS=2 into a temporary directory (a few minutes on 2 cores), then loads both
 extensions (they link libcudart, which loads without a GPU), checks their functions, that they reject CPU
-tensors with a clear error, and that spatial_mamba/ops/_cuda.py registers them (custom ops run on meta tensors
+tensors with a clear error, and that spatial_mamba/ops/backends/cuda/ registers them (custom ops run on meta tensors
 through their fake implementations, forward and backward). It is skipped, saying why, when no toolkit is found.
 """
 
@@ -125,7 +125,7 @@ def test_cuda_build_plan_builds_both_extensions_against_the_found_toolkit(plan_e
 def test_cuda_build_plan_builds_for_ampere_and_hopper_with_ptx_when_no_gpu_is_visible(plan_env):
     ext_modules, _ = build.cuda_build_plan()
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == build.DEFAULT_ARCH_LIST == "8.0;9.0+PTX"
-    # What the bindings record (their cuda_archs), read by spatial_mamba/ops/_cuda.py before each launch.
+    # What the bindings record (their cuda_archs), read by spatial_mamba/ops/backends/cuda/ before each launch.
     for ext in ext_modules:
         assert "-DSPATIAL_MAMBA_CUDA_ARCHS=sm80_sm90_compute90" in ext.extra_compile_args["cxx"]
 

@@ -1,4 +1,4 @@
-"""GPU-only checks of the compiled CUDA kernels (kernels/, registered by spatial_mamba/ops/_cuda.py).
+"""GPU-only checks of the compiled CUDA kernels (kernels/, registered by spatial_mamba/ops/backends/cuda/).
 
 Needs a CUDA GPU and the built extensions (``SPATIAL_MAMBA_BUILD_CUDA=1 python setup.py build_ext --inplace``):
 skipped without a GPU; on a GPU without the extensions every test fails (``tests/kernels/gpu.py``). Their numbers on

@@ -221,7 +221,7 @@ def hopper_only_build(monkeypatch):
     usable, and every tensor sat on an sm_80 GPU (A100). Nothing is launched: the kernels are never called."""
     from types import SimpleNamespace
 
-    from spatial_mamba.ops import _cuda
+    from spatial_mamba.ops.backends import cuda as _cuda
 
     extension = SimpleNamespace(cuda_archs="sm90")
     monkeypatch.setitem(_cuda._EXTENSIONS, "_state_fusion_cuda", (extension, "compiled extension (stand-in)"))
@@ -246,7 +246,7 @@ def test_a_gpu_missing_from_the_build_goes_to_triton_with_a_warning_naming_both(
 
 
 def test_the_same_build_serves_the_gpus_it_has_code_for(hopper_only_build, monkeypatch):
-    from spatial_mamba.ops import _cuda
+    from spatial_mamba.ops.backends import cuda as _cuda
 
     h, taps = torch.zeros(1, 2, 5, 5), torch.zeros(2, 25)
     monkeypatch.setattr(_cuda, "_device_capability", lambda t: (9, 0) if isinstance(t, torch.Tensor) else None)
@@ -270,13 +270,13 @@ def test_the_same_build_serves_the_gpus_it_has_code_for(hopper_only_build, monke
     ],
 )
 def test_which_gpus_a_build_runs_on(archs, capability, runs):
-    from spatial_mamba.ops import _cuda
+    from spatial_mamba.ops.backends import cuda as _cuda
 
     assert _cuda.runs_on(archs, capability) is runs
 
 
 def test_cuda_fusion_passes_planes_beyond_its_grid_to_the_next_backend():
-    from spatial_mamba.ops import _cuda
+    from spatial_mamba.ops.backends import cuda as _cuda
 
     supports = backend._REGISTRY["state_fusion"]["cuda"].supports
     huge = torch.empty(1, 1, 2**13, 2**13 + 1, device="meta")  # 256 x 257 tiles of 32 x 32

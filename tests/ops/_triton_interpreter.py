@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import triton
 
-from spatial_mamba.ops.triton_scan import triton_is_interpreted
+from spatial_mamba.ops.backends.triton.selective_scan import triton_is_interpreted
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The interpreted tests of every file carry this in their names, which is how the child pytest selects them.

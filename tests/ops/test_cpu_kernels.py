@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (spatial_mamba/ops/csrc/, cpu_kernels.py beside it): the paths of their own against the
+"""The compiled CPU kernels (spatial_mamba/ops/backends/cpu/): the paths of their own against the
 float64 definitions of tests/kernels/parity.py, gradients asked for one at a time, results that do not depend on the
 number of threads, the compile-and-cache path, and how the dispatcher falls back when the kernels cannot run.
 
@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from spatial_mamba import compat
-from spatial_mamba.ops import backend, cpu_kernels, fused_observation, state_fusion
+from spatial_mamba.ops import backend, fused_observation, state_fusion
+from spatial_mamba.ops.backends import cpu as cpu_kernels
 from tests.kernels import parity
 
 AVAILABLE, WHY = cpu_kernels.available()
@@ -407,7 +408,7 @@ def test_concurrent_processes_compile_once_per_machine(tmp_path):
         cpu_kernels.CACHE_ENV: str(tmp_path / "cache"),
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
-    code = "from spatial_mamba.ops import cpu_kernels; print(cpu_kernels.available())"
+    code = "from spatial_mamba.ops.backends import cpu as cpu_kernels; print(cpu_kernels.available())"
     ranks = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in "01"]
     outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
     assert all(rank.returncode == 0 for rank in ranks), outputs

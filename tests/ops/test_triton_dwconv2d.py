@@ -6,12 +6,12 @@ tests/kernels/test_backend_parity.py (in Triton's interpreter when there is no G
 
 import pytest
 
-from spatial_mamba.ops.triton_scan import triton_installed  # noqa: E402
+from spatial_mamba.ops.backends.triton.selective_scan import triton_installed  # noqa: E402
 
 if not triton_installed()[0]:
     pytest.skip(f"the Triton backend cannot run: {triton_installed()[1]}", allow_module_level=True)
 
-from spatial_mamba.ops import triton_dwconv2d  # noqa: E402
+from spatial_mamba.ops.backends.triton import dwconv2d as triton_dwconv2d  # noqa: E402
 
 from ._triton_interpreter import assert_no_spills, needs_compiler, ptxas_report  # noqa: E402
 

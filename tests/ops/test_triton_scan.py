@@ -10,12 +10,13 @@ import re
 import pytest
 import torch
 
-from spatial_mamba.ops.triton_scan import triton_installed  # noqa: E402
+from spatial_mamba.ops.backends.triton.selective_scan import triton_installed  # noqa: E402
 
 if not triton_installed()[0]:
     pytest.skip(f"the Triton backend cannot run: {triton_installed()[1]}", allow_module_level=True)
 
-from spatial_mamba.ops import backend, triton_scan  # noqa: E402
+from spatial_mamba.ops import backend  # noqa: E402
+from spatial_mamba.ops.backends.triton import selective_scan as triton_scan  # noqa: E402
 
 from ._triton_interpreter import (  # noqa: E402
     INTERPRETED,
@@ -45,7 +46,8 @@ def test_triton_backends_report_unavailable_without_triton():
     code = """
         import sys
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
-        from spatial_mamba.ops import backend, triton_scan
+        from spatial_mamba.ops import backend
+        from spatial_mamba.ops.backends.triton import selective_scan as triton_scan
         print(triton_scan.available())
         print(backend.describe()["selective_scan"]["triton"])
         print(backend.describe()["dwconv2d"]["triton"])

@@ -13,12 +13,12 @@ import os
 import pytest
 import torch
 
-from spatial_mamba.ops.triton_scan import triton_installed  # noqa: E402
+from spatial_mamba.ops.backends.triton.selective_scan import triton_installed  # noqa: E402
 
 if not triton_installed()[0]:
     pytest.skip(f"the Triton backend cannot run: {triton_installed()[1]}", allow_module_level=True)
 
-from spatial_mamba.ops import triton_state_fusion  # noqa: E402
+from spatial_mamba.ops.backends.triton import state_fusion as triton_state_fusion  # noqa: E402
 
 from ..kernels import parity  # noqa: E402
 from ._triton_interpreter import (  # noqa: E402

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from . import backend
-from ._cuda import KERNEL_DTYPES, supports_state_fusion
-from .triton_scan import _device_guard, available
+from ... import backend
+from ..cuda import KERNEL_DTYPES, supports_state_fusion
+from .selective_scan import _device_guard, available
 
 __all__ = ["N_TAPS", "fused_observation_triton", "state_fusion_triton", "supports", "supports_observation"]
 
@@ -44,7 +44,7 @@ CHANNEL_GROUP = 16
 
 
 def _kernels():
-    from . import _triton_state_fusion_kernels
+    from . import state_fusion_kernels as _triton_state_fusion_kernels
 
     return _triton_state_fusion_kernels
 

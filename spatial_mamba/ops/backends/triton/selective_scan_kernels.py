@@ -1,7 +1,7 @@
 """Triton kernels of the hidden-state selective scan for d_state N = 1 (paper Eq. 2-3; the official
 ``kernels/selective_scan/``).
 
-Imported by ``triton_scan.py`` on first use, so that importing spatial_mamba does not need Triton.
+Imported by ``selective_scan.py`` on first use, so that importing spatial_mamba does not need Triton.
 
 Each program owns one batch element and BLOCK_D channels, and walks the sequence in chunks of BLOCK_L positions:
 inside a chunk the recurrence x_t = a_t x_{t-1} + b_t is a ``tl.associative_scan`` over the pairs (a_t, b_t), and the

@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from .. import compat
-from . import backend
+from .... import compat
+from ... import backend
 
 __all__ = [
     "DWCONV_KERNEL_SIZES",

@@ -8,7 +8,7 @@
 // softplus is the official one: log1p(exp(v)) for v <= 20, v above, computed as max(v, 0) + log1p(exp(-|v|)).
 //
 // Plain C++ over raw pointers (no torch headers), compiled with g++ -O3 -march=native -fopenmp with
-// state_fusion.cpp into one library (spatial_mamba/ops/cpu_kernels.py).
+// state_fusion.cpp into one library (spatial_mamba/ops/backends/cpu/__init__.py).
 //
 // A task is a group of kRows rows. First, along each row, in vectors of VW positions: dt (written out),
 // a_t - 1 = exp(dt_t A_d) - 1 into a scratch row, and b_t = dt_t B_t u_t into hs. Then the recurrence, sequential

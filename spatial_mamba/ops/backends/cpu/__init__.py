@@ -1,5 +1,5 @@
 """The ``cpu`` backend: compiled CPU kernels of ``state_fusion``, ``fused_observation`` and ``selective_scan``
-(d_state N = 1), forward and backward, in ``spatial_mamba/ops/csrc/``.
+(d_state N = 1), forward and backward, in ``spatial_mamba/ops/backends/cpu/``.
 
 The kernels are plain C++ over raw float pointers (no torch headers), compiled with g++ on first use
 (``-O3 -march=native -fopenmp``) into a cache directory, ``$SPATIAL_MAMBA_CACHE`` or
@@ -36,9 +36,9 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-from .. import compat
-from . import backend
-from .state_fusion import FUSION_OFFSETS
+from .... import compat
+from ... import backend
+from ...state_fusion import FUSION_OFFSETS
 
 __all__ = [
     "CXX_FLAGS",
@@ -54,7 +54,7 @@ __all__ = [
     "supports_selective_scan",
 ]
 
-SOURCE_DIR = Path(__file__).resolve().parent / "csrc"  # package data: installed wheels carry it
+SOURCE_DIR = Path(__file__).resolve().parent  # package data: installed wheels carry it
 SOURCES = (SOURCE_DIR / "state_fusion.cpp", SOURCE_DIR / "selective_scan.cpp")
 HEADERS = (SOURCE_DIR / "simd.h",)
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")

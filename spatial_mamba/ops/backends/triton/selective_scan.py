@@ -4,7 +4,7 @@
 It runs on CUDA tensors when the CUDA extension in ``kernels/`` is not built, so a user without a compiler still gets
 a fast model. Under ``TRITON_INTERPRET=1`` with ``SPATIAL_MAMBA_BACKEND=triton`` it also runs on CPU tensors, through
 Triton's interpreter: that is how the tests check it on machines without a GPU. The kernels themselves live in
-``_triton_scan_kernels.py``. Importing this module never needs Triton; the backend reports itself unavailable when
+``selective_scan_kernels.py``. Importing this module never needs Triton; the backend reports itself unavailable when
 Triton is missing or too old.
 """
 
@@ -16,7 +16,7 @@ from typing import Tuple
 
 import torch
 
-from . import backend
+from ... import backend
 
 __all__ = ["selective_scan_triton", "available", "split_segments", "triton_is_interpreted"]
 
@@ -84,7 +84,7 @@ def available() -> Tuple[bool, str]:
 
 
 def _kernels():
-    from . import _triton_scan_kernels
+    from . import selective_scan_kernels as _triton_scan_kernels
 
     return _triton_scan_kernels
 
@@ -269,7 +269,7 @@ def selective_scan_triton(
 
 def supports(u=None, delta=None, A=None, B=None, delta_bias=None, *rest):
     """Why the Triton scan cannot take these inputs (the same limits as the CUDA kernels: N = 1, 16/32-bit floats)."""
-    from ._cuda import supports_selective_scan
+    from ..cuda import supports_selective_scan
 
     return supports_selective_scan(u, delta, A, B, delta_bias)
 

@@ -1,7 +1,7 @@
 """Triton kernels of the one-pass state fusion (25 taps with a halo of 5 and replicate borders), alone and fused with
 the observation step that follows it, y = fusion(h)·C + D·u.
 
-Imported by ``triton_state_fusion.py`` on first use, so that importing spatial_mamba does not need Triton.
+Imported by ``state_fusion.py`` on first use, so that importing spatial_mamba does not need Triton.
 
 The 25 taps are the distinct positions of the three dilated 3x3 kernels of the structure-aware state fusion (paper
 Eq. 4): tap 0 is the shared centre (0, 0); tap 1 + t, t = 0..23, is (d (i - 1), d (j - 1)) with d = 1 + 2 (t // 8) and

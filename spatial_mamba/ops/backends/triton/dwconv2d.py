@@ -1,9 +1,9 @@
 """Triton backend of the replicate-padded depthwise 2-D convolution of the state fusion (paper Eq. 4, SASF; the official
 ``kernels/dwconv2d``).
 
-Like ``triton_scan``, it runs on CUDA tensors when the CUDA extension is not built, and on CPU tensors under
+Like the Triton scan, it runs on CUDA tensors when the CUDA extension is not built, and on CPU tensors under
 ``TRITON_INTERPRET=1`` with ``SPATIAL_MAMBA_BACKEND=triton`` (the tests). The kernels live in
-``_triton_dwconv2d_kernels.py``; importing this module never needs Triton.
+``dwconv2d_kernels.py``; importing this module never needs Triton.
 
 The backward pass computes the input gradient on the replicate-padded domain (a zero-padded correlation of dy with the
 flipped kernel, by the forward kernel) and folds the padding back onto the border with PyTorch's
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from . import backend
-from .triton_scan import _device_guard, available
+from ... import backend
+from .selective_scan import _device_guard, available
 
 __all__ = ["depthwise_conv2d_replicate_triton"]
 
@@ -27,7 +27,7 @@ NUM_WARPS = 4
 
 
 def _kernels():
-    from . import _triton_dwconv2d_kernels
+    from . import dwconv2d_kernels as _triton_dwconv2d_kernels
 
     return _triton_dwconv2d_kernels
 
@@ -122,7 +122,7 @@ def depthwise_conv2d_replicate_triton(x: torch.Tensor, weight: torch.Tensor, dil
 
 def supports(x=None, weight=None, *rest):
     """Why the Triton convolution cannot take these inputs: float64 (it computes in float32)."""
-    from ._cuda import _dtype_reasons
+    from ..cuda import _dtype_reasons
 
     return _dtype_reasons(x)
 

@@ -1,7 +1,7 @@
 """Triton kernels of the depthwise 2-D convolution of the state fusion (paper Eq. 4; the official
 ``kernels/dwconv2d/``).
 
-Imported by ``triton_dwconv2d.py`` on first use, so that importing spatial_mamba does not need Triton.
+Imported by ``dwconv2d.py`` on first use, so that importing spatial_mamba does not need Triton.
 
 Each program computes a BLOCK_H x BLOCK_W tile of one (batch, channel) plane and loops over the K x K taps, reading
 the input at the shifted positions directly (clamped to the border for replicate padding), so no padded copy of the

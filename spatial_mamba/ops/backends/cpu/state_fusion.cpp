@@ -5,7 +5,7 @@
 //
 // over the 25 offsets of spatial_mamba/ops/state_fusion.py (FUSION_OFFSETS), float32 throughout.
 //
-// Plain C++ over raw pointers (no torch headers): spatial_mamba/ops/cpu_kernels.py compiles this file with
+// Plain C++ over raw pointers (no torch headers): spatial_mamba/ops/backends/cpu/__init__.py compiles this file with
 // g++ -O3 -march=native -fopenmp, loads it with ctypes and passes the tensors' data pointers.
 //
 // Two layouts: the planes (B, C, H, W) contiguous (sm_fusion_forward, sm_fusion_backward), or token-major
