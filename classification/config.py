@@ -60,11 +60,11 @@ _C.MODEL.MMCKPT = False  # unused
 
 _C.MODEL.SPATIALMAMBA = CN()
 _C.MODEL.SPATIALMAMBA.PATCH_SIZE = 4
-_C.MODEL.SPATIALMAMBA.IMAGE_SIZE = 224  # unused: the model takes any input size (README bug table, #24)
+_C.MODEL.SPATIALMAMBA.IMAGE_SIZE = 224  # unused: the model takes any input size (docs/official_bugs.md, #24)
 _C.MODEL.SPATIALMAMBA.IN_CHANS = 3
 _C.MODEL.SPATIALMAMBA.DEPTHS = [2, 4, 8, 4]
 _C.MODEL.SPATIALMAMBA.EMBED_DIM = 64
-# The official default is 16, which its scan kernel cannot run (README bug table, #4); every official YAML sets 1.
+# The official default is 16, which its scan kernel cannot run (docs/official_bugs.md, #4); every official YAML sets 1.
 _C.MODEL.SPATIALMAMBA.D_STATE = 1
 _C.MODEL.SPATIALMAMBA.MLP_RATIO = 4.0
 _C.MODEL.SPATIALMAMBA.DT_INIT = "random"  # random | constant | simple | zero (the official choices)
@@ -104,7 +104,7 @@ _C.TRAIN.MOE = CN()
 _C.TRAIN.MOE.SAVE_MASTER = False  # unused
 # MESA (EMA self-distillation): weight of the EMA-teacher loss from 25% of training on; <= 0 turns it off.
 _C.TRAIN.MESA = -1.0
-# Ours, off by default: reproduce the official training dynamics of README bug table #1 bit for bit, i.e. evaluate
+# Ours, off by default: reproduce the official training dynamics of docs/official_bugs.md #1 bit for bit, i.e. evaluate
 # (validation, best-checkpoint choice, EMA, MESA teacher) with each state-fusion kernel frozen at its first
 # evaluation in the process. Only for comparing with official training logs; the trained weights are not affected.
 _C.TRAIN.STALE_FUSION_KERNEL = False

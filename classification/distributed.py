@@ -2,7 +2,7 @@
 
 Works under ``torch.distributed.launch``, ``torchrun`` (one node or several) and as a single process without a
 launcher. The device comes from LOCAL_RANK: the official code used the global rank, which names a GPU that does not
-exist on the second node (README bug table, #15).
+exist on the second node (docs/official_bugs.md, #15).
 """
 
 from __future__ import annotations

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace, dist_info: DistInfo) -> int:
         frozen = freeze_fusion_kernels_at_first_eval(model, model_ema.module if model_ema is not None else None)
         logger.warning(
             "TRAIN.STALE_FUSION_KERNEL is on: %d state-fusion modules evaluate with the kernel of their first "
-            "evaluation in this process, reproducing the official training dynamics (README bug table, #1); "
+            "evaluation in this process, reproducing the official training dynamics (docs/official_bugs.md, #1); "
             "validation accuracies, the best-checkpoint choice and the MESA teacher are those of the official code, "
             "not of the current weights",
             frozen,

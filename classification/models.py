@@ -19,7 +19,7 @@ SpatialMamba = spatial_mamba.SpatialMamba
 def build_model(config) -> spatial_mamba.SpatialMamba:
     """``spatial_mamba.SpatialMamba`` with the arguments the official ``build_model`` passes
     (``classification/models/__init__.py``), and TRAIN.USE_CHECKPOINT passed on, which the official code never did
-    (README bug table, #11)."""
+    (docs/official_bugs.md, #11)."""
     if config.MODEL.TYPE != "spatial_mamba":
         raise UsageError(f"MODEL.TYPE must be 'spatial_mamba', got {config.MODEL.TYPE!r}")
     sm = config.MODEL.SPATIALMAMBA

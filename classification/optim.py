@@ -21,7 +21,7 @@ def split_weight_decay(model: nn.Module) -> Tuple[List[str], List[str]]:
     """Names of the parameters with and without weight decay, by the official rule: no decay for 1-D tensors,
     biases, names listed by ``model.no_weight_decay()`` and names containing a keyword of
     ``model.no_weight_decay_keywords()``. So A_logs (D, 1) is decayed, as in the official runs
-    (README bug table, #10)."""
+    (docs/official_bugs.md, #10)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     keywords = model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else ()
     decay, no_decay = [], []

@@ -2,7 +2,7 @@
 training logs (off by default: config key TRAIN.STALE_FUSION_KERNEL).
 
 The official ``StateFusion`` merged its three dilated kernels into one 11x11 kernel at its first evaluation and never
-rebuilt it (README bug table, #1), so every later validation, the EMA's validations and the MESA teacher of an
+rebuilt it (docs/official_bugs.md, #1), so every later validation, the EMA's validations and the MESA teacher of an
 official run saw the kernels of that first evaluation. Our ``StateFusion`` merges the current kernels on every call.
 :func:`freeze_fusion_kernels_at_first_eval` brings the official behaviour back without touching the model code: a
 forward hook on every state-fusion module recomputes its eval-mode output with copies of the kernels and weights

@@ -6,8 +6,8 @@ The configs of ``detection/`` and ``segmentation/`` load this module through
 
 The class is registered once, in mmengine's root ``MODELS`` registry, which mmdet's and mmseg's registries fall back
 to: importing it imports neither package, so each tree needs only its own (the official ``model.py`` registered into
-both and needed both installed; README bug table, #17). ``import spatial_mamba`` does not import this module, so the
-model package itself never imports a training framework.
+both and needed both installed; docs/official_bugs.md, #17). ``import spatial_mamba`` does not import this module,
+so the model package itself never imports a training framework.
 """
 
 from __future__ import annotations
@@ -39,14 +39,16 @@ class MMSpatialMamba(SpatialMambaBackbone, BaseModule):
     Args:
         out_indices, pretrained, norm_layer, key: as in :class:`~spatial_mamba.SpatialMambaBackbone`; ``pretrained``
             is a classification checkpoint (``key='model'`` or ``'model_ema'``) and a file that is missing or does
-            not hold this backbone's weights is an error, never a random backbone (official bug; README bug table, #16).
+            not hold this backbone's weights is an error, never a random backbone (official bug;
+            docs/official_bugs.md, #16).
         init_cfg: mmengine's initialisation config. ``dict(type='Pretrained', checkpoint=PATH)`` is the deferred
             form of ``pretrained=PATH`` (loaded by ``init_weights`` with the same checks); give one of the two.
         **model_kwargs: :class:`~spatial_mamba.SpatialMamba` arguments (``dims``, ``depths``, ``d_state``,
             ``drop_path_rate``, ...). Any other key is an error: the official class silently swallowed the Swin keys
-            of the configs it inherited (README bug table, #16).
+            of the configs it inherited (docs/official_bugs.md, #16).
 
-    Built once: the official class ran the backbone constructor twice through its base classes (README bug table, #17).
+    Built once: the official class ran the backbone constructor twice through its base classes
+    (docs/official_bugs.md, #17).
     """
 
     def __init__(

@@ -31,7 +31,7 @@ class SpatialMambaBackbone(SpatialMambaTrunk):
         pretrained: path of a classification checkpoint to load (official layout or plain state dict). Missing
             files, other architectures or widths raise :class:`CheckpointError`; ``None`` keeps the random init.
         norm_layer: ``"ln"`` (official: LayerNorm over channels) or ``"bn"`` (BatchNorm2d, which the official
-            code applied to channels-last tensors by mistake, README bug table, #20).
+            code applied to channels-last tensors by mistake, docs/official_bugs.md, #20).
         key: checkpoint entry to load, ``"model"`` or ``"model_ema"``.
         **kwargs: :class:`SpatialMamba` architecture arguments (``dims``, ``depths``, ``d_state``,
             ``drop_path_rate``, ...); anything else (``num_classes`` included) is a ``TypeError``.

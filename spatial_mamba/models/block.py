@@ -47,7 +47,7 @@ class SpatialMambaBlock(nn.Module):
         self.cpe1 = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
         self.ln_1 = nn.LayerNorm(
             hidden_dim
-        )  # eps 1e-5: the layer overrides the block's 1e-6 default (README bug table, #9)
+        )  # eps 1e-5: the layer overrides the block's 1e-6 default (docs/official_bugs.md, #9)
         self.self_attention = StructureAwareSSM(hidden_dim, d_state=d_state, dt_init=dt_init, dropout=attn_drop_rate)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.cpe2 = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)

@@ -155,7 +155,7 @@ class SpatialMambaTrunk(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        # The official set; A_logs stays decayed as in the official recipe (README bug table, #10).
+        # The official set; A_logs stays decayed as in the official recipe (docs/official_bugs.md, #10).
         return {"absolute_pos_embed"}
 
     @torch.jit.ignore

@@ -67,7 +67,7 @@ class StateFusion(nn.Module):
         if path not in PATHS:
             raise ValueError(f"StateFusion: path must be one of {', '.join(PATHS)}; got {path!r}")
         self.path = path
-        # All-ones initialisation, as in the official code (README bug table, #7).
+        # All-ones initialisation, as in the official code (docs/official_bugs.md, #7).
         self.kernel_3 = nn.Parameter(torch.ones(dim, 1, 3, 3))
         self.kernel_3_1 = nn.Parameter(torch.ones(dim, 1, 3, 3))
         self.kernel_3_2 = nn.Parameter(torch.ones(dim, 1, 3, 3))
@@ -120,7 +120,7 @@ class StructureAwareSSM(nn.Module):
         if dt_init not in ("random", "constant", "simple", "zero"):
             raise ValueError(f"dt_init must be 'random', 'constant', 'simple' or 'zero', got {dt_init!r}")
         d_inner = int(expand * d_model)
-        dt_rank = math.ceil(d_model / 16)  # from the block width C, not d_inner (README bug table, #6)
+        dt_rank = math.ceil(d_model / 16)  # from the block width C, not d_inner (docs/official_bugs.md, #6)
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
@@ -133,7 +133,7 @@ class StructureAwareSSM(nn.Module):
         self.dt_projs_bias = nn.Parameter(dt_bias_init(d_inner, dt_min, dt_max, dt_init_floor))
         if dt_init in ("simple", "zero"):  # official: these two replace the bias too, with the same law as the weight
             self.dt_projs_bias.data = 0.1 * (torch.randn if dt_init == "simple" else torch.rand)(d_inner)
-        # S4D-real init log(1..N); the official branch condition makes this the only init (README bug table, #8).
+        # S4D-real init log(1..N); the official branch condition makes this the only init (docs/official_bugs.md, #8).
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.Ds = nn.Parameter(torch.ones(d_inner))
 
@@ -217,7 +217,7 @@ class StructureAwareSSM(nn.Module):
             delta_softplus=True,
         )  # (B, D, N, L) float32 hidden states x_t
 
-        # Observation y_t = C_t h_t + D u_t, with D applied here and not in the scan (README bug table, #5).
+        # Observation y_t = C_t h_t + D u_t, with D applied here and not in the scan (docs/official_bugs.md, #5).
         if d_state == 1 and self.state_fusion.fuses_observation():
             # One op: a kernel backend reads the states and u once and never writes the fused states.
             plane = (batch, d_inner, height, width)

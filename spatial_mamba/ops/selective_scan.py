@@ -270,7 +270,7 @@ def selective_scan_fn(
     if D is not None:
         raise ValueError(
             "selective_scan_fn: D must be None; Spatial-Mamba applies D outside the scan "
-            "(y = fused_state * C + u * D) and the official wrapper ignored it (README bug table, #5)"
+            "(y = fused_state * C + u * D) and the official wrapper ignored it (docs/official_bugs.md, #5)"
         )
     if z is not None:
         raise ValueError("selective_scan_fn: z must be None; Spatial-Mamba's scan has no z gate")

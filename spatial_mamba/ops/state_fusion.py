@@ -4,7 +4,7 @@ scan state, weighted by alpha.
 h_t = Σ_{d ∈ {1, 3, 5}} α_d Σ_{i, j ∈ {-1, 0, 1}} k^d_ij x_{t + d i w + d j}, with replicate borders.
 
 The three kernels share their centre, so the function has 25 distinct taps (``FUSION_OFFSETS``). Three ways to run
-it, all exactly the same function, borders included (replicate padding; README bug table, #2):
+it, all exactly the same function, borders included (replicate padding; docs/official_bugs.md, #2):
 
 - ``"taps"``: the backend op ``state_fusion(h, taps)`` over the 25 taps from ``fusion_taps`` in one pass over h;
 - ``"branches"``: the three replicate-padded dilated convolutions (the official training path, and the one the
@@ -214,7 +214,7 @@ def state_fusion(h, kernel_3, kernel_3_1, kernel_3_2, alpha, path: str = "auto")
             as the official training path does; ``"merged"`` computes in float32 even under autocast, as the official
             evaluation kernel does, and returns float32 (float64 for float64 inputs). The merged kernel is rebuilt
             from the current weights on every call: the official code cached it on the first evaluation and kept
-            using it after weight updates (README bug table, #1).
+            using it after weight updates (docs/official_bugs.md, #1).
     """
     if path not in PATHS:
         raise ValueError(f"state fusion: path must be one of {', '.join(PATHS)}; got {path!r}")

@@ -28,7 +28,7 @@ def test_defaults_are_the_official_ones():
     assert tuple(c.TRAIN.OPTIMIZER.BETAS) == (0.9, 0.999) and c.TRAIN.OPTIMIZER.EPS == 1e-8
     assert (c.AUG.MIXUP, c.AUG.CUTMIX, c.AUG.REPROB, c.AUG.AUTO_AUGMENT) == (0.8, 1.0, 0.25, "rand-m9-mstd0.5-inc1")
     assert (c.MODEL.LABEL_SMOOTHING, c.TRAIN.MESA, c.MODEL_EMA_DECAY, c.AMP_ENABLE) == (0.1, -1.0, 0.9999, True)
-    # The official default of 16 cannot run (README bug table, #4); 1 is what every official YAML sets.
+    # The official default of 16 cannot run (docs/official_bugs.md, #4); 1 is what every official YAML sets.
     assert c.MODEL.SPATIALMAMBA.D_STATE == 1
 
 

@@ -22,7 +22,7 @@ def test_no_decay_groups_follow_the_official_rule():
     decay, no_decay = split_weight_decay(model)
     assert set(decay) | set(no_decay) == {n for n, _ in model.named_parameters()}
     block = "layers.0.blocks.0."
-    # Decayed: every 2-D+ weight, including A_logs (D, 1), as in the official runs (README bug table, #10).
+    # Decayed: every 2-D+ weight, including A_logs (D, 1), as in the official runs (docs/official_bugs.md, #10).
     decayed = [
         "self_attention.A_logs",
         "self_attention.x_proj_weight",

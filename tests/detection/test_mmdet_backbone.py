@@ -1,5 +1,5 @@
 """MM_SpatialMamba in mmdet: registration through the configs, arguments, checkpoint loading and equality with the
-classifier (README bug table, #16 and #17). Narrow backbones on small inputs, CPU only."""
+classifier (docs/official_bugs.md, #16 and #17). Narrow backbones on small inputs, CPU only."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_swin_arguments_are_rejected_by_name_not_swallowed():
 
 
 def test_backbone_network_is_built_once(monkeypatch):
-    """The trunk (stem and stages, shared with the classifier) is built once (README bug table, #17)."""
+    """The trunk (stem and stages, shared with the classifier) is built once (docs/official_bugs.md, #17)."""
     calls = []
     original = SpatialMambaTrunk.__init__
 

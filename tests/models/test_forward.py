@@ -76,7 +76,7 @@ def test_model_accepts_any_input_size(size):
 
 
 def test_merged_fusion_kernel_follows_weight_updates_after_evaluation():
-    """README bug table, #1: the merged kernel was cached at the first evaluation and never rebuilt."""
+    """docs/official_bugs.md, #1: the merged kernel was cached at the first evaluation and never rebuilt."""
     torch.manual_seed(0)
     model = SpatialMamba(dims=16, depths=(1, 1, 1, 1), num_classes=7)
     x = torch.randn(2, 3, 32, 32)

@@ -1,4 +1,4 @@
-"""Structure-aware state fusion (spatial_mamba/ops/state_fusion.py; README bug table, #1 and #2).
+"""Structure-aware state fusion (spatial_mamba/ops/state_fusion.py; docs/official_bugs.md, #1 and #2).
 
 The merged 11x11 path and the three-branch training path are the same function, borders included, so they are
 compared in float32 with rtol 1e-5 and atol 1e-6 * max (different summation orders of at most 27 taps), and in
@@ -88,7 +88,8 @@ def test_gradients_of_merged_and_branches_agree():
 
 
 def test_merged_path_follows_weights_changed_in_place():
-    # The official code cached the merged kernel on the first eval call and never rebuilt it (README bug table, #1).
+    # The official code cached the merged kernel on the first eval call and never rebuilt it
+    # (docs/official_bugs.md, #1).
     h, kernels, alpha = make(1, 3, (6, 6))
     before = state_fusion(h, *kernels, alpha, path="merged")
     with torch.no_grad():
@@ -100,7 +101,8 @@ def test_merged_path_follows_weights_changed_in_place():
 
 
 def test_all_ones_init_sums_twenty_seven_taps_of_a_constant_map():
-    # With the official init (kernels and alpha all ones) a constant map is multiplied by 27 (README bug table, #7).
+    # With the official init (kernels and alpha all ones) a constant map is multiplied by 27
+    # (docs/official_bugs.md, #7).
     h = torch.full((1, 2, 4, 5), 0.5)
     ones = [torch.ones(2, 1, 3, 3) for _ in range(3)]
     for merged in (False, True):

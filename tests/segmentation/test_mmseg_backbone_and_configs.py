@@ -139,8 +139,8 @@ def test_config_custom_imports_register_the_backbone_without_mmdet():
 
 def test_syncbn_sits_in_the_heads_and_sync_bn_torch_also_converts_the_backbone():
     """What is synchronised where: the heads' SyncBN comes from mmseg's config (mmengine turns it into BatchNorm when
-    no launcher is used); the backbone's stem and downsampling BatchNorm stay per-GPU (README bug table, #19) unless
-    ``sync_bn='torch'``, which the runner applies to the whole model in a distributed run."""
+    no launcher is used); the backbone's stem and downsampling BatchNorm stay per-GPU (docs/official_bugs.md, #19)
+    unless ``sync_bn='torch'``, which the runner applies to the whole model in a distributed run."""
     from mmengine.model import convert_sync_batchnorm, revert_sync_batchnorm
     from mmseg.registry import MODELS
 

@@ -10,7 +10,7 @@ custom_imports = dict(imports=["spatial_mamba.openmmlab"], allow_failed_imports=
 
 model = dict(
     backbone=dict(
-        _delete_=True,  # drop the Swin arguments instead of passing them on (official bug; README bug table, #16)
+        _delete_=True,  # drop the Swin arguments instead of passing them on (official bug; docs/official_bugs.md, #16)
         type="MM_SpatialMamba",
         dims=64,
         depths=(2, 4, 8, 4),

@@ -2,7 +2,7 @@
 # Everything but the backbone and the heads' widths comes from mmseg's Swin-T UPerNet config: AdamW lr 6e-5,
 # wd 0.01, decay_mult 0 for names containing 'norm'; 1500-iteration linear warm-up then poly decay; RandomResize
 # (2048, 512) x [0.5, 2] + RandomCrop 512 + flip + photometric distortion; single-scale test at (2048, 512).
-# The official files were named 4xb4 but trained with 2 images per GPU on 8 GPUs (README bug table, #18); the
+# The official files were named 4xb4 but trained with 2 images per GPU on 8 GPUs (docs/official_bugs.md, #18); the
 # name says what this file does.
 _base_ = "mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py"
 
@@ -12,7 +12,7 @@ custom_imports = dict(imports=["spatial_mamba.openmmlab"], allow_failed_imports=
 
 model = dict(
     backbone=dict(
-        _delete_=True,  # drop the Swin arguments instead of passing them on (official bug; README bug table, #16)
+        _delete_=True,  # drop the Swin arguments instead of passing them on (official bug; docs/official_bugs.md, #16)
         type="MM_SpatialMamba",
         dims=64,
         depths=(2, 4, 8, 4),
