@@ -5,8 +5,8 @@ written atomically, and the ways to read them back: ``--resume`` and auto-resume
 A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over the old one, so a
 kill during a save leaves the previous file intact. Both spellings of the best EMA accuracy are written: the
 official misspelled ``max_accuray_ema`` (which official tools read) and ``max_accuracy_ema``; either is read back,
-where the official code looked up the correct one it never wrote and reset the value on every resume (README bug
-table, #14).
+where the official code looked up the correct one it never wrote and reset the value on every resume
+(docs/official_bugs.md, #14).
 
 ``--resume`` and ``--pretrained`` also take a URL (``https://``, ``http://``, ``file://``), as the official
 ``--resume`` took ``https`` URLs: the file is downloaded once into torch's hub cache (``$TORCH_HOME/hub/checkpoints``)

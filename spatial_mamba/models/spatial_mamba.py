@@ -172,7 +172,8 @@ class SpatialMambaTrunk(nn.Module):
     @torch.jit.ignore
     def set_mixer_recompute(self, enable: bool = True) -> None:
         """In training, each token mixer keeps only its input for the backward pass and recomputes the rest there
-        (on by default): about half the activation memory, for one more forward of each mixer (README, Performance)."""
+        (on by default): about half the activation memory, for one more forward of each mixer (docs/performance.md,
+        Training memory)."""
         self.recompute_mixer = bool(enable)
         for module in self.modules():
             if isinstance(module, StructureAwareSSM):
