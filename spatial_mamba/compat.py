@@ -32,7 +32,7 @@ __all__ = [
     "unavailable",
 ]
 
-# torch.library.custom_op (torch 2.4): the CUDA kernels as ops that torch.compile and torch.export see whole.
+# torch.library.custom_op (torch 2.4): the CUDA and CPU kernels as ops that torch.compile and torch.export see whole.
 HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")
 # torch.serialization.add_safe_globals (torch 2.4): extending what torch.load(weights_only=True) may rebuild.
 HAS_SAFE_GLOBALS = hasattr(torch.serialization, "add_safe_globals")
@@ -149,8 +149,8 @@ def safe_globals() -> list:
 
 
 class _EagerCustomOp:
-    """What the CUDA bindings use of ``torch.library.custom_op`` where torch lacks it (< 2.4): the function called
-    directly, differentiable through an autograd.Function built from the registered backward."""
+    """What the CUDA and CPU bindings use of ``torch.library.custom_op`` where torch lacks it (< 2.4): the function
+    called directly, differentiable through an autograd.Function built from the registered backward."""
 
     def __init__(self, name: str, fn: Callable):
         self.name, self._fn, self._function = name, fn, None
@@ -179,10 +179,11 @@ class _EagerCustomOp:
         return self._fn(*args) if self._function is None else self._function.apply(*args)
 
 
-def custom_op(name: str, mutates_args: tuple = ()) -> Callable[[Callable], Any]:
-    """``torch.library.custom_op`` (torch 2.4), or on older torch an op with the same surface that runs eagerly."""
+def custom_op(name: str, mutates_args: tuple = (), device_types: str | None = None) -> Callable[[Callable], Any]:
+    """``torch.library.custom_op`` (torch 2.4), or on older torch an op with the same surface that runs eagerly (and
+    leaves ``device_types`` to its callers, which hand it only tensors of those devices)."""
     if HAS_CUSTOM_OP:
-        return torch.library.custom_op(name, mutates_args=mutates_args)
+        return torch.library.custom_op(name, mutates_args=mutates_args, device_types=device_types)
     return lambda fn: _EagerCustomOp(name, fn)
 
 

@@ -14,11 +14,12 @@ A backend can decline by *what the inputs need*, not only by being absent: each 
 the first backend that is available and supports the inputs; reaching the reference there is a warning that lists
 every reason, and so is passing over a built backend that cannot take the inputs (the ``cuda`` extension on a GPU it
 was not built for, or a plane beyond its grid), once per op and backend. On CPU tensors it walks cpu -> reference:
-the ``cpu`` backend declines, silently (logged at info), what it cannot take (non-float32 tensors, and tracers:
-torch.compile, torch.export, TorchScript and ONNX tracing, FX proxies, fake and meta tensors), and the reference runs
-those. A backend in the walk that is *unavailable* (for ``cpu``: no compiler, or the compile failed) is a
-RuntimeWarning naming the reason, once per process, before the reference runs in its place. A backend's input checks
-come before its availability check only for ``cpu``: inputs it declines never start its compile.
+the ``cpu`` backend declines, silently (logged at info), what it cannot take (non-float32 tensors, meta tensors, and
+the tracers that cannot keep its kernels as custom ops: TorchScript tracing, ONNX export, FX proxies, and torch.compile
+and torch.export on torch < 2.4), and the reference runs those. A backend in the walk that is *unavailable* (for
+``cpu``: no compiler, or the compile failed) is a RuntimeWarning naming the reason, once per process, before the
+reference runs in its place. A backend's input checks come before its availability check only for ``cpu``: inputs it
+declines never start its compile.
 
 Forcing a backend, for tests and benchmarks: ``with backend.force("triton"): ...`` (optionally for one op), or the
 environment variable ``SPATIAL_MAMBA_BACKEND=cuda|triton|cpu|reference`` for a whole process; the context manager

@@ -312,7 +312,10 @@ def selective_scan_fn(
     u, delta, B = backend.as_layout(u, tokens), backend.as_layout(delta, tokens), B.contiguous()
     # Export hook: torch.export / ONNX and TorchScript tracing need a graph with no Python loop over a length-dependent
     # chunk count and no data-dependent branch; the export formulation computes the same states (float32-accurate).
-    if compat.is_exporting() or torch.jit.is_tracing():
+    # The cpu kernels need none of it: torch.export keeps them whole as a custom op (ONNX and TorchScript decline them).
+    if (compat.is_exporting() or torch.jit.is_tracing()) and backend.explain(
+        "selective_scan", u, delta, A, B, delta_bias
+    ).backend != "cpu":
         from .selective_scan_export import selective_scan_export
 
         hs = selective_scan_export(u, delta, A, B, delta_bias, delta_softplus)

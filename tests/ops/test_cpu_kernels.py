@@ -164,18 +164,28 @@ def test_cpu_kernels_decline_what_they_cannot_take():
     assert "FakeTensor" in cpu_kernels.supports(fake)[0]
 
 
-def test_tracing_declines_before_the_kernels_are_compiled(monkeypatch, tmp_path):
-    # Under torch.compile/export the dispatcher must hand the op to the reference without compiling (the compiler
-    # here would fail, and its failure would be a warning) and without a word.
+@pytest.mark.parametrize("tracer", ["torchscript", "onnx", "compile"])
+def test_tracers_that_cannot_keep_the_kernels_decline_them_before_they_are_compiled(tracer, monkeypatch, tmp_path):
+    # TorchScript tracing and ONNX export (and torch.compile/export where torch lacks custom ops) get the reference,
+    # without compiling (the compiler here would fail, and its failure would be a warning) and without a word.
+    if tracer == "compile" and compat.HAS_CUSTOM_OP:
+        pytest.skip("torch >= 2.4 keeps the kernels in compiled graphs as custom ops (test_cpu_custom_ops.py)")
     monkeypatch.setenv(cpu_kernels.CXX_ENV, str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(compat, "is_compiling", lambda: True)
+    if tracer == "torchscript":
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    else:  # the ONNX exporter traces with torch.export
+        monkeypatch.setattr(compat, "is_compiling", lambda: True)
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: tracer == "onnx")
     h, taps, _ = parity.fusion_inputs(1, 2, 5, 5, torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         choice = backend.explain("state_fusion", h, taps)
         backend.choose("state_fusion", h, taps)
-    assert choice.backend == "reference"
-    assert "torch.compile" in choice.passed_over["cpu"][0] and not choice.unavailable
+    assert choice.backend == "reference" and not choice.unavailable
+    expected = {"torchscript": "TorchScript", "onnx": "ONNX export", "compile": "torch.compile"}[tracer]
+    if not compat.HAS_CUSTOM_OP:
+        expected = "TorchScript" if tracer == "torchscript" else "torch.compile"
+    assert expected in choice.passed_over["cpu"][0], choice.passed_over
     assert (str(tmp_path / "no-such-compiler"), str(cpu_kernels.cache_dir())) not in cpu_kernels._LOADED
 
 

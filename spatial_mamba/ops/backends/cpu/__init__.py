@@ -7,21 +7,29 @@ The kernels are plain C++ over raw float pointers (no torch headers), compiled w
 CPU's flags. One process of the machine compiles, under a file lock in the cache directory, while the others wait;
 the library is written to a temporary name and renamed, so no process loads half a file, and it is readable by the
 users the umask allows, so a shared ``$SPATIAL_MAMBA_CACHE`` serves them all. ``status()`` reports without compiling.
-It is loaded with ctypes and called from torch.autograd.Functions with the tensors' data pointers, on
-``torch.get_num_threads()`` OpenMP threads. ``$SPATIAL_MAMBA_CXX`` names another compiler.
+It is loaded with ctypes and called with the tensors' data pointers, on ``torch.get_num_threads()`` OpenMP threads.
+``$SPATIAL_MAMBA_CXX`` names another compiler.
+
+Custom ops (namespace ``spatial_mamba``, so that torch.compile and torch.export keep the kernels in their graphs;
+torch >= 2.4, before which they run eagerly, see ``compat.custom_op``): ``state_fusion_cpu_fwd``/``_bwd``,
+``fused_observation_cpu_fwd``/``_bwd`` and ``selective_scan_cpu_fwd``/``_bwd``, with fake implementations that give
+the kernels' output shapes and strides and autograd formulas that ask the backward kernels only for the gradients
+needed. The forward scan op also returns Δ = softplus(delta + bias), which its backward reads.
 
 Every kernel has two layouts: the states (and u, Δ and their gradients) contiguous, (B, C, ...), or token-major, views
 of (B, ..., C) memory (``backend.token_major``), which is how the model's blocks hold their tokens on the CPU; the
 inputs' layout picks the kernel and the outputs come back in it.
 
 ``available()`` is (False, reason) when the compiler is missing or the compile fails; the dispatcher then warns once
-and runs the reference. ``supports(*inputs)`` declines what the kernels cannot take, silently: anything but
-contiguous-able float32 CPU tensors, and every tracer (torch.compile and torch.export, TorchScript and ONNX tracing,
-FX proxies, fake and meta tensors), to which a ctypes call is invisible; the reference serves those.
+and runs the reference. While torch.compile traces, dynamo calls it (and the compile happens there, at the first use)
+and keeps its answer as a constant. ``supports(*inputs)`` declines what the kernels cannot take, silently: anything
+but contiguous-able float32 CPU tensors, and the tracers that cannot keep a custom op: TorchScript tracing, ONNX export
+(ONNX has no operator for the kernels; the reference and the export scan serve it), FX proxies, and, where torch
+lacks custom ops, torch.compile and torch.export. Fake tensors are taken only while torch.compile or torch.export
+traces; meta tensors never.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.library.custom_op reads the annotations to build each op's schema.
 import contextlib
 import ctypes
 import hashlib
@@ -234,6 +242,9 @@ def _library() -> Tuple[ctypes.CDLL | None, str]:
         return _LOADED[key]
 
 
+# torch.compile asks the dispatcher while dynamo traces it: dynamo calls this (and compiles the library, the first
+# time) instead of tracing the compile and the locks, and takes the answer as a constant of the graph.
+@torch.compiler.assume_constant_result
 def available() -> Tuple[bool, str]:
     """(True, the library's path) once the kernels are compiled and loaded; (False, why) otherwise."""
     library, why = _library()
@@ -255,10 +266,15 @@ def status() -> Tuple[bool, str]:
 
 
 def _tracing() -> str:
-    if compat.is_compiling():
-        return "torch.compile/torch.export is tracing (compiled CPU kernels are opaque to it)"
+    """Why the tracer now running cannot take the kernels; '' when none runs, or when it keeps them in its graph as
+    the custom ops below."""
     if torch.jit.is_tracing():
         return "TorchScript/ONNX tracing (compiled CPU kernels are opaque to it)"
+    if compat.is_compiling():
+        if not compat.HAS_CUSTOM_OP:
+            return "torch.compile/torch.export is tracing (the kernels enter its graphs as custom ops from torch 2.4)"
+        if torch.onnx.is_in_onnx_export():
+            return "ONNX export (ONNX has no operator for the compiled CPU kernels)"
     return ""
 
 
@@ -268,12 +284,17 @@ def _wrapped(t: torch.Tensor) -> bool:
     return bool(is_wrapped is not None and is_wrapped(t))
 
 
-def _tensor_reasons(t: torch.Tensor) -> List[str]:
+def _tensor_reasons(t: torch.Tensor, traced: bool) -> List[str]:
     if isinstance(t, torch.fx.Proxy) or not isinstance(t, torch.Tensor):
         return [f"a {type(t).__name__} input (compiled CPU kernels take real tensors)"]
     if t.device.type != "cpu":
         return [f"tensors on {t.device.type} (the cpu backend takes CPU tensors)"]
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._subclasses.fake_tensor.is_fake(t) or _wrapped(t):
+    plain = type(t) in (torch.Tensor, torch.nn.Parameter)
+    # torch.compile and torch.export trace with fake tensors (dynamo shows them as plain ones), which the custom ops
+    # take; outside them a tensor without data of its own cannot reach a kernel.
+    is_fake = torch._subclasses.fake_tensor.is_fake
+    usable = (plain or is_fake(t)) if traced else (plain and not is_fake(t) and not _wrapped(t))
+    if not usable:
         return [f"a {type(t).__name__} tensor (compiled CPU kernels take plain tensors with data)"]
     if t.dtype != torch.float32:
         return [f"{str(t.dtype).replace('torch.', '')} inputs (the cpu kernels take float32)"]
@@ -285,11 +306,12 @@ def supports(*tensors) -> List[str]:
     tracing = _tracing()
     if tracing:
         return [tracing]
+    traced = compat.is_compiling()
     reasons: List[str] = []
     for t in tensors:
         if t is None:
             continue
-        for reason in _tensor_reasons(t):
+        for reason in _tensor_reasons(t, traced):
             if reason not in reasons:
                 reasons.append(reason)
     return reasons
@@ -299,63 +321,167 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+def _loaded() -> ctypes.CDLL:
+    library, why = _library()
+    if library is None:
+        raise RuntimeError(f"the cpu backend is unavailable: {why}")
+    return library
+
+
 def _kernel(library: ctypes.CDLL, name: str, tokens: bool):
     return getattr(library, name + ("_tokens" if tokens else ""))
 
 
-def _forward(h, taps, C=None, u=None, D=None) -> torch.Tensor:
-    """F(h), or F(h)·C + D·u, in h's layout (token-major or contiguous; u in the same)."""
-    library, why = _library()
-    if library is None:
-        raise RuntimeError(f"the cpu backend is unavailable: {why}")
-    out = torch.empty_like(h)  # same strides as h
+def _empty(t: torch.Tensor, tokens: bool) -> torch.Tensor:
+    """A new tensor of ``t``'s shape in the layout ``backend.as_layout(t, tokens)`` gives: how the kernels write."""
+    return t.new_empty(t.movedim(1, -1).shape).movedim(-1, 1) if tokens else t.new_empty(t.shape)
+
+
+def _contiguous(*tensors: torch.Tensor | None) -> List[torch.Tensor | None]:
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _present(grads: List[torch.Tensor | None], like: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The gradient buffers as op outputs: an empty tensor stands for one not computed (an op returns tensors)."""
+    return tuple(like.new_empty((0,)) if g is None else g for g in grads)
+
+
+def _needed(grads: Tuple[torch.Tensor, ...], needs: Tuple[bool, ...]) -> Tuple[torch.Tensor | None, ...]:
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _float_in_layout(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An output gradient as the backward kernels read it: float32, in ``like``'s layout."""
+    return backend.as_layout(grad.to(torch.float32), backend.token_major(like))
+
+
+# The custom ops' real implementations run the kernels on inputs in one layout: the states' (token-major or
+# contiguous; u, Δ and the output gradients follow them), the parameters contiguous. The public functions below hand
+# them so already, and then nothing is copied; anything else (a direct call) is put in that layout first. Outputs are
+# fresh tensors in it, allocated by the same functions as the fake implementations' (``_fusion_grads``,
+# ``_scan_outputs``, ``_scan_grads``), so that both agree on every shape and stride.
+
+
+def _fusion_grads(h, taps, C, u, D, needs: Tuple[bool, ...]) -> List[torch.Tensor | None]:
+    """The buffers the fusion's backward kernel fills, (dh, dtaps, dC, du, dD), None where ``needs`` is False."""
+    tokens = backend.token_major(h)
+    likes = ((h, tokens), (taps, False), (C, False), (h, tokens), (D, False))
+    return [_empty(t, layout) if need else None for (t, layout), need in zip(likes, needs)]
+
+
+def _fusion(h, taps, C=None, u=None, D=None) -> torch.Tensor:
+    """F(h), or F(h)·C + D·u, in h's layout."""
+    library = _loaded()
+    tokens = backend.token_major(h)
+    h, u = backend.as_layout(h, tokens), None if u is None else backend.as_layout(u, tokens)
+    taps, C, D = _contiguous(taps, C, D)
+    out = _empty(h, tokens)
     batch, channels, height, width = h.shape
-    _kernel(library, "sm_fusion_forward", backend.token_major(h))(
+    _kernel(library, "sm_fusion_forward", tokens)(
         _ptr(h), _ptr(taps), _ptr(C), _ptr(u), _ptr(D), _ptr(out), batch, channels, height, width,
         torch.get_num_threads(),
     )  # fmt: skip
     return out
 
 
-def _backward(h, taps, C, u, D, dy, need: Tuple[bool, ...]):
-    """(dh, dtaps, dC, du, dD), None where ``need`` is False (the last three only with C)."""
-    library, _ = _library()
+def _fusion_backward(h, taps, C, u, D, dy, needs: Tuple[bool, ...]) -> Tuple[torch.Tensor, ...]:
+    """(dh, dtaps, dC, du, dD) as op outputs, empty where ``needs`` is False (the last three only with C)."""
+    library = _loaded()
     tokens = backend.token_major(h)
-    dy = backend.as_layout(dy.to(torch.float32), tokens)
-    shapes = (h, taps, C, h, D)
-    grads = [torch.empty_like(t) if wanted else None for t, wanted in zip(shapes, need)]
+    h, dy = backend.as_layout(h, tokens), backend.as_layout(dy, tokens)
+    u = None if u is None else backend.as_layout(u, tokens)
+    taps, C, D = _contiguous(taps, C, D)
+    grads = _fusion_grads(h, taps, C, u, D, needs)
     batch, channels, height, width = h.shape
     _kernel(library, "sm_fusion_backward", tokens)(
         _ptr(h), _ptr(taps), _ptr(C), _ptr(u), _ptr(D), _ptr(dy), *(_ptr(g) for g in grads),
         batch, channels, height, width, torch.get_num_threads(),
     )  # fmt: skip
-    return tuple(grads)
+    return _present(grads, h)
 
 
-class _StateFusionCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, taps):
-        ctx.save_for_backward(h, taps)
-        return _forward(h, taps)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        h, taps = ctx.saved_tensors
-        need = tuple(ctx.needs_input_grad[:2]) + (False,) * 3
-        return _backward(h, taps, None, None, None, dy, need)[:2]
+@compat.custom_op("spatial_mamba::state_fusion_cpu_fwd", mutates_args=(), device_types="cpu")
+def state_fusion_cpu_fwd(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    return _fusion(h, taps)
 
 
-class _FusedObservationCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, taps, C, u, D):
-        ctx.save_for_backward(h, taps, C, u, D)
-        return _forward(h, taps, C, u, D)
+@state_fusion_cpu_fwd.register_fake
+def _(h, taps):
+    return _empty(h, backend.token_major(h))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        return _backward(*ctx.saved_tensors, dy, tuple(ctx.needs_input_grad[:5]))
+
+@compat.custom_op("spatial_mamba::state_fusion_cpu_bwd", mutates_args=(), device_types="cpu")
+def state_fusion_cpu_bwd(
+    h: torch.Tensor, taps: torch.Tensor, dy: torch.Tensor, need_dh: bool, need_dtaps: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    dh, dtaps, *_ = _fusion_backward(h, taps, None, None, None, dy, (need_dh, need_dtaps, False, False, False))
+    return dh, dtaps
+
+
+@state_fusion_cpu_bwd.register_fake
+def _(h, taps, dy, need_dh, need_dtaps):
+    dh, dtaps, *_ = _present(_fusion_grads(h, taps, None, None, None, (need_dh, need_dtaps, False, False, False)), h)
+    return dh, dtaps
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _state_fusion_backward(ctx, dy):
+    h, taps = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:2])
+    return _needed(state_fusion_cpu_bwd(h, taps, _float_in_layout(dy, h), *needs), needs)
+
+
+state_fusion_cpu_fwd.register_autograd(_state_fusion_backward, setup_context=_save_inputs)
+
+
+@compat.custom_op("spatial_mamba::fused_observation_cpu_fwd", mutates_args=(), device_types="cpu")
+def fused_observation_cpu_fwd(
+    h: torch.Tensor, taps: torch.Tensor, C: torch.Tensor, u: torch.Tensor, D: torch.Tensor
+) -> torch.Tensor:
+    return _fusion(h, taps, C, u, D)
+
+
+@fused_observation_cpu_fwd.register_fake
+def _(h, taps, C, u, D):
+    return _empty(h, backend.token_major(h))
+
+
+@compat.custom_op("spatial_mamba::fused_observation_cpu_bwd", mutates_args=(), device_types="cpu")
+def fused_observation_cpu_bwd(
+    h: torch.Tensor,
+    taps: torch.Tensor,
+    C: torch.Tensor,
+    u: torch.Tensor,
+    D: torch.Tensor,
+    dy: torch.Tensor,
+    need_dh: bool,
+    need_dtaps: bool,
+    need_dC: bool,
+    need_du: bool,
+    need_dD: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dh, dtaps, dC, du, dD = _fusion_backward(h, taps, C, u, D, dy, (need_dh, need_dtaps, need_dC, need_du, need_dD))
+    return dh, dtaps, dC, du, dD
+
+
+@fused_observation_cpu_bwd.register_fake
+def _(h, taps, C, u, D, dy, need_dh, need_dtaps, need_dC, need_du, need_dD):
+    dh, dtaps, dC, du, dD = _present(
+        _fusion_grads(h, taps, C, u, D, (need_dh, need_dtaps, need_dC, need_du, need_dD)), h
+    )
+    return dh, dtaps, dC, du, dD
+
+
+def _fused_observation_backward(ctx, dy):
+    h, taps, C, u, D = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:5])
+    return _needed(fused_observation_cpu_bwd(h, taps, C, u, D, _float_in_layout(dy, h), *needs), needs)
+
+
+fused_observation_cpu_fwd.register_autograd(_fused_observation_backward, setup_context=_save_inputs)
 
 
 def _check(op: str, h, taps, *rest):
@@ -372,7 +498,7 @@ def _check(op: str, h, taps, *rest):
 def state_fusion_cpu(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """The 25-tap state fusion on the compiled CPU kernels (backend implementation signature of ``state_fusion``)."""
     _check("state_fusion", h, taps)
-    return _StateFusionCPU.apply(backend.as_layout(h, backend.token_major(h)), taps.contiguous())
+    return state_fusion_cpu_fwd(backend.as_layout(h, backend.token_major(h)), taps.contiguous())
 
 
 def fused_observation_cpu(h, taps, C, u, D) -> torch.Tensor:
@@ -386,51 +512,119 @@ def fused_observation_cpu(h, taps, C, u, D) -> torch.Tensor:
         )
     tokens = backend.token_major(h)
     h, u = backend.as_layout(h, tokens), backend.as_layout(u, tokens)
-    return _FusedObservationCPU.apply(h, taps.contiguous(), C.contiguous(), u, D.contiguous())
+    return fused_observation_cpu_fwd(h, taps.contiguous(), C.contiguous(), u, D.contiguous())
 
 
-class _SelectiveScanCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, delta_bias, delta_softplus):
-        library, why = _library()
-        if library is None:
-            raise RuntimeError(f"the cpu backend is unavailable: {why}")
-        batch, channels, length = u.shape
-        tokens = backend.token_major(u)
-        if tokens:  # hs (B, D, 1, L) as a view of (B, L, D) memory, like u
-            hs = u.new_empty((batch, length, channels)).transpose(1, 2).unsqueeze(2)
-        else:
-            hs = u.new_empty((batch, channels, 1, length))
-        dt = torch.empty_like(u)  # same strides as u
-        _kernel(library, "sm_scan_forward", tokens)(
-            _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(delta_bias), int(bool(delta_softplus)), _ptr(hs), _ptr(dt),
-            batch, channels, length, torch.get_num_threads(),
-        )  # fmt: skip
-        ctx.delta_softplus = delta_softplus
-        ctx.save_for_backward(u, delta, A, B, delta_bias, hs, dt)
-        return hs
+def _scan_outputs(u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """hs (B, D, 1, L) and Δ (B, D, L) as the forward kernel writes them: in u's layout (token-major hs is a view of
+    (B, L, D) memory)."""
+    tokens = backend.token_major(u)
+    return _empty(u, tokens).unsqueeze(2), _empty(u, tokens)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dhs):
-        u, delta, A, B, delta_bias, hs, dt = ctx.saved_tensors
-        library, _ = _library()
-        need_u, need_delta, need_A, need_B, need_bias = ctx.needs_input_grad[:5]
-        du = torch.empty_like(u) if need_u else None
-        # d delta is computed on the way to d bias.
-        ddelta = torch.empty_like(delta) if need_delta or need_bias else None
-        dA = torch.empty_like(A) if need_A else None
-        dB = torch.empty_like(B) if need_B else None
-        dbias = torch.empty_like(delta_bias) if need_bias else None
-        tokens = backend.token_major(u)
-        dhs = backend.as_layout(dhs.to(torch.float32).squeeze(2), tokens)
-        batch, channels, length = u.shape
-        _kernel(library, "sm_scan_backward", tokens)(
-            _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(delta_bias), int(bool(ctx.delta_softplus)), _ptr(hs),
-            _ptr(dt), _ptr(dhs), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dB), _ptr(dbias), batch, channels, length,
-            torch.get_num_threads(),
-        )  # fmt: skip
-        return du, ddelta if need_delta else None, dA, dB, dbias, None
+
+def _scan_grads(u, delta, A, B, delta_bias, needs: Tuple[bool, ...]) -> List[torch.Tensor | None]:
+    """The buffers the scan's backward kernel fills, (du, dΔ, dA, dB, d bias), None where not needed."""
+    need_u, need_delta, need_A, need_B, need_bias = needs
+    need_bias = need_bias and delta_bias is not None
+    tokens = backend.token_major(u)
+    return [
+        _empty(u, tokens) if need_u else None,
+        # dΔ is computed on the way to d bias.
+        _empty(delta, tokens) if need_delta or need_bias else None,
+        _empty(A, False) if need_A else None,
+        _empty(B, False) if need_B else None,
+        _empty(delta_bias, False) if need_bias else None,
+    ]
+
+
+def _scan_inputs(u, delta, A, B, delta_bias):
+    """The scan's inputs in the kernels' layout: Δ in u's, the parameters contiguous."""
+    tokens = backend.token_major(u)
+    return (tokens, backend.as_layout(u, tokens), backend.as_layout(delta, tokens), *_contiguous(A, B, delta_bias))
+
+
+@compat.custom_op("spatial_mamba::selective_scan_cpu_fwd", mutates_args=(), device_types="cpu")
+def selective_scan_cpu_fwd(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    library = _loaded()
+    tokens, u, delta, A, B, delta_bias = _scan_inputs(u, delta, A, B, delta_bias)
+    hs, dt = _scan_outputs(u)
+    batch, channels, length = u.shape
+    _kernel(library, "sm_scan_forward", tokens)(
+        _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(delta_bias), int(delta_softplus), _ptr(hs), _ptr(dt),
+        batch, channels, length, torch.get_num_threads(),
+    )  # fmt: skip
+    return hs, dt
+
+
+@selective_scan_cpu_fwd.register_fake
+def _(u, delta, A, B, delta_bias, delta_softplus):
+    return _scan_outputs(u)
+
+
+@compat.custom_op("spatial_mamba::selective_scan_cpu_bwd", mutates_args=(), device_types="cpu")
+def selective_scan_cpu_bwd(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    hs: torch.Tensor,
+    dt: torch.Tensor,
+    dhs: torch.Tensor,
+    need_du: bool,
+    need_ddelta: bool,
+    need_dA: bool,
+    need_dB: bool,
+    need_ddelta_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    library = _loaded()
+    tokens, u, delta, A, B, delta_bias = _scan_inputs(u, delta, A, B, delta_bias)
+    hs = backend.as_layout(hs.squeeze(2), tokens).unsqueeze(2)
+    dt, dhs = backend.as_layout(dt, tokens), backend.as_layout(dhs, tokens)
+    grads = _scan_grads(u, delta, A, B, delta_bias, (need_du, need_ddelta, need_dA, need_dB, need_ddelta_bias))
+    batch, channels, length = u.shape
+    _kernel(library, "sm_scan_backward", tokens)(
+        _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(delta_bias), int(delta_softplus), _ptr(hs), _ptr(dt),
+        _ptr(dhs), *(_ptr(g) for g in grads), batch, channels, length, torch.get_num_threads(),
+    )  # fmt: skip
+    du, ddelta, dA, dB, ddelta_bias = _present(grads, u)
+    return du, ddelta, dA, dB, ddelta_bias
+
+
+@selective_scan_cpu_bwd.register_fake
+def _(u, delta, A, B, delta_bias, delta_softplus, hs, dt, dhs, *needs):
+    du, ddelta, dA, dB, ddelta_bias = _present(_scan_grads(u, delta, A, B, delta_bias, needs), u)
+    return du, ddelta, dA, dB, ddelta_bias
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, delta_bias, delta_softplus = inputs
+    hs, dt = output
+    # Δ = softplus(delta + bias) is an output only for the backward kernel, which reads it: never differentiated.
+    ctx.mark_non_differentiable(dt)
+    ctx.set_materialize_grads(False)
+    ctx.delta_softplus = delta_softplus
+    ctx.save_for_backward(u, delta, A, B, delta_bias, hs, dt)
+
+
+def _scan_backward(ctx, dhs, ddt):
+    u, delta, A, B, delta_bias, hs, dt = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:5])
+    grads = selective_scan_cpu_bwd(
+        u, delta, A, B, delta_bias, ctx.delta_softplus, hs, dt, _float_in_layout(dhs.squeeze(2), u), *needs
+    )
+    return (*_needed(grads, needs), None)
+
+
+selective_scan_cpu_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
 def supports_selective_scan(u=None, delta=None, A=None, B=None, delta_bias=None, *rest) -> List[str]:
@@ -449,10 +643,9 @@ def selective_scan_cpu(u, delta, A, B, delta_bias, delta_softplus) -> torch.Tens
         raise ValueError(f"selective_scan: the cpu kernels cannot take {'; '.join(reasons)}")
     B = B.squeeze(1) if B.dim() == 4 else B
     tokens = backend.token_major(u)
-    args = [t if t is None else t.contiguous() for t in (A, B, delta_bias)]
-    return _SelectiveScanCPU.apply(
-        backend.as_layout(u, tokens), backend.as_layout(delta, tokens), *args, delta_softplus
-    )
+    args = _contiguous(A, B, delta_bias)
+    u, delta = backend.as_layout(u, tokens), backend.as_layout(delta, tokens)
+    return selective_scan_cpu_fwd(u, delta, *args, bool(delta_softplus))[0]
 
 
 backend.register("state_fusion", "cpu", state_fusion_cpu, available, supports=supports, status=status)
