@@ -75,6 +75,7 @@ CASES = {
 }
 SMOKE = dict(batch=1, img_size=64, rounds=1, cases=("train_b8_224", "infer_b8_224"))
 PATHS = ("eager", "compiled", "onnx")
+TITLES = {"eager": "eager", "compiled": "compiled", "onnx": "ONNX Runtime"}
 # Default inductor, static shapes: each case compiles its own models for its one input shape.
 COMPILE_OPTIONS = {"dynamic": False}
 OPSET = 18
@@ -290,8 +291,8 @@ def print_table(case: str, by_path: Dict[str, dict], paths: List[str]) -> None:
     for label in labels:
         cells = "".join(cell(by_path[p].get(label) if p in by_path else None) for p in paths)
         setup = [
-            f"{key} {by_path[p][label][key]:.0f}s"
-            for p, key in (("compiled", "compile_s"), ("onnx", "export_s"))
+            f"{word} {by_path[p][label][key]:.0f} s"
+            for p, key, word in (("compiled", "compile_s", "compile"), ("onnx", "export_s", "export"))
             if p in by_path and key in by_path[p].get(label, {})
         ]
         print(f"{case:<16}{label:<22}{cells}  {', '.join(setup)}", flush=True)
@@ -338,7 +339,8 @@ def main(argv=None):
         versions.update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
 
     results = {}
-    print(f"{'case':<16}{'model':<22}" + "".join(f"{p + ' / Swin-T':>18}" for p in paths) + "  setup")
+    print(f"ratio to {REFERENCE} (median seconds) per path; compile and export seconds apart")
+    print(f"{'case':<16}{'model':<22}" + "".join(f"{TITLES[p]:>18}" for p in paths) + "  setup")
     with tempfile.TemporaryDirectory(prefix="cpu_peers_") as folder:
         # A fresh inductor cache, so that the compile times do not depend on earlier runs.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor")
