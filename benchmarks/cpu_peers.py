@@ -12,18 +12,18 @@ models. Each case runs every model along each path:
 - ``eager``: the PyTorch module as built;
 - ``compiled``: the module through ``torch.compile`` with the same options for every model (``COMPILE_OPTIONS``);
   the training step compiles the model and runs its forward, backward and SGD update as in eager;
-- ``onnx`` (inference only): the model written by ``tools/export_onnx.py``'s export (the dynamo exporter, opset
-  ``OPSET``, dynamic batch and image size), run by an ``onnxruntime.InferenceSession`` on the CPUExecutionProvider
-  with as many intra-op threads as torch uses. A model that this export cannot take falls back to the dynamo
-  exporter at the case's fixed shape, then to the TorchScript exporter; the report names the exporter each used.
+- ``onnx`` (inference only): every model written the same way, by the dynamo exporter (opset ``OPSET``) at the
+  case's fixed shape (Swin's window partition cannot take a dynamic image size), and run by an
+  ``onnxruntime.InferenceSession`` on the CPUExecutionProvider with as many intra-op threads as torch uses. A model
+  that exporter cannot take falls back to the TorchScript exporter; the report names the exporter each used.
 
 All models and paths of a case are timed in the same interleaved rounds (one call of each per round, after one
 untimed warm-up call each), so that a change of load on a shared machine hits every model alike. A path's ratio is a
 model's median seconds over Swin-T's on the same path. Compilation (the first call's seconds less the median) and
 export are reported apart from the timings. A model that fails to build, compile, export or run on a path gets
 "n/a" there, and the error's first line goes into the report. Prints the table and whether Spatial-Mamba-T meets the
-goals below, and writes the report as JSON. ``--smoke`` runs at batch 1, 64x64, one round: it only checks that every
-path runs, its figures mean nothing.
+goals below, and writes the report as JSON. ``--smoke`` runs models one block deep per stage at batch 1, 64x64, one
+round: it only checks that every path runs, its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -48,8 +48,6 @@ import spatial_mamba  # noqa: F401  (registers spatial_mamba_* with timm)
 from spatial_mamba.ops.backends import cpu as cpu_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from export_onnx import export as export_dynamic  # noqa: E402
 
 # Goals for Spatial-Mamba-T's ratio to Swin-T: inference on every path, the training step in eager mode.
 INFERENCE_GOAL = 1.0
@@ -73,7 +71,8 @@ CASES = {
     "infer_b1_512": (False, 1, 512),
     "infer_b1_1024": (False, 1, 1024),
 }
-SMOKE = dict(batch=1, img_size=64, rounds=1, cases=("train_b8_224", "infer_b8_224"))
+# One block per stage: the same code paths as the full models, compiled and exported in a fraction of the time.
+SMOKE = dict(batch=1, img_size=64, rounds=1, cases=("train_b8_224", "infer_b8_224"), depths=(1, 1, 1, 1))
 PATHS = ("eager", "compiled", "onnx")
 TITLES = {"eager": "eager", "compiled": "compiled", "onnx": "ONNX Runtime"}
 # Default inductor, static shapes: each case compiles its own models for its one input shape.
@@ -90,12 +89,13 @@ def build(name: str, img_size: int, **kwargs) -> torch.nn.Module:
     return timm.create_model(name, num_classes=1000, **kwargs)
 
 
-def models_of(case: str, labels: List[str]) -> Dict[str, tuple]:
+def models_of(case: str, labels: List[str], smoke: bool = False) -> Dict[str, tuple]:
     """label -> (timm name, extra arguments) of the models among ``labels`` timed in ``case``."""
     known = {label: (name, {}) for label, name in MODELS.items()}
     if CASES[case][0]:
         known.update(TRAIN_ONLY)
-    return {label: known[label] for label in labels if label in known}
+    extra = {"depths": SMOKE["depths"]} if smoke else {}
+    return {label: (known[label][0], {**known[label][1], **extra}) for label in labels if label in known}
 
 
 def inputs(batch: int, img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -166,10 +166,8 @@ def time_interleaved(steps: Dict[Hashable, Callable[[], None]], rounds: int) -> 
 
 
 def export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Tuple[str, List[str]]:
-    """Writes ``model`` to ``path``; returns the exporter that worked and the first lines of those that failed before.
-
-    First the export of tools/export_onnx.py, which Spatial-Mamba-T ships with; where a model's code cannot take a
-    dynamic image size (Swin's window partition), the same exporter at this fixed shape, then TorchScript's."""
+    """Writes ``model`` to ``path``; returns the exporter that worked and the first lines of those that failed before:
+    the dynamo exporter at ``x``'s shape, else TorchScript's."""
 
     def fixed(dynamo: bool) -> Callable[[], None]:
         def write():
@@ -183,7 +181,6 @@ def export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Tuple[st
         return write
 
     exporters = {
-        "dynamo, dynamic batch and size": lambda: export_dynamic(model, x, path, OPSET),
         "dynamo, fixed shape": fixed(dynamo=True),
         "torchscript, fixed shape": fixed(dynamo=False),
     }
@@ -226,14 +223,16 @@ def make_step(path: str, name: str, kwargs: dict, shape: tuple, folder: Path, la
     return onnx_step(model, batch, img_size, folder, label, info)
 
 
-def run_case(case: str, shape: tuple, paths: List[str], labels: List[str], rounds: int, folder: Path) -> dict:
+def run_case(
+    case: str, shape: tuple, paths: List[str], labels: List[str], rounds: int, folder: Path, smoke: bool = False
+) -> dict:
     """path -> label -> this model's figures on that path (or its error), all timed in the same rounds.
 
     ``shape`` is the case's (training?, batch, image size), smaller than ``CASES[case]`` under --smoke."""
     paths = [p for p in paths if not (shape[0] and p == "onnx")]
     steps, entries = {}, {p: {} for p in paths}
     for path in paths:
-        for label, (name, kwargs) in models_of(case, labels).items():
+        for label, (name, kwargs) in models_of(case, labels, smoke).items():
             info = entries[path][label] = {}
             try:
                 steps[path, label] = make_step(path, name, kwargs, shape, folder, label, info)
@@ -318,7 +317,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case, median reported (3)")
     parser.add_argument("--cases", nargs="+", default=None, choices=list(CASES))
     parser.add_argument("--models", nargs="+", default=[*MODELS, *TRAIN_ONLY], choices=[*MODELS, *TRAIN_ONLY])
-    parser.add_argument("--smoke", action="store_true", help="batch 1, 64x64, one round: a check that all paths run")
+    parser.add_argument(
+        "--smoke", action="store_true", help="shallow models, batch 1, 64x64, one round: a check that all paths run"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_peers.json"))
     args = parser.parse_args(argv)
     rounds = args.rounds or (SMOKE["rounds"] if args.smoke else 3)
@@ -345,7 +346,7 @@ def main(argv=None):
         # A fresh inductor cache, so that the compile times do not depend on earlier runs.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder) / "inductor")
         for case in cases:
-            results[case] = run_case(case, shapes[case], paths, labels, rounds, Path(folder))
+            results[case] = run_case(case, shapes[case], paths, labels, rounds, Path(folder), args.smoke)
             print_table(case, results[case], paths)
     checks = goals(results)
     print(f"{OURS} against its goals (ratio to {REFERENCE}):")
