@@ -76,7 +76,11 @@ def main(argv=None):
             steps = {
                 name: step_fn(build(m), train, batch, img_size) for name, m in (("base", base), ("checkout", checkout))
             }
-            times = time_interleaved(steps, args.rounds)
+            timed = time_interleaved(steps, args.rounds)
+            failed = [f"{name}: {r['error']}" for name, r in timed.items() if "error" in r]
+            if failed:
+                raise SystemExit(f"{case} failed: {'; '.join(failed)}")
+            times = {name: r["runs_s"] for name, r in timed.items()}
             medians = {name: statistics.median(t) for name, t in times.items()}
             ratio = medians["checkout"] / medians["base"]
             results[case] = {"median_s": medians, "runs_s": times, "checkout_over_base": ratio}
