@@ -179,12 +179,20 @@ class _EagerCustomOp:
         return self._fn(*args) if self._function is None else self._function.apply(*args)
 
 
+# The ops' namespace is the package's own name (``torch.ops.spatial_mamba``): a second copy of the package imported
+# under another name in the same process (benchmarks/cpu_revisions.py times two revisions side by side) registers its
+# ops apart instead of over the first copy's, which torch refuses.
+OP_NAMESPACE = __name__.split(".")[0]
+
+
 def custom_op(name: str, mutates_args: tuple = (), device_types: str | None = None) -> Callable[[Callable], Any]:
-    """``torch.library.custom_op`` (torch 2.4), or on older torch an op with the same surface that runs eagerly (and
-    leaves ``device_types`` to its callers, which hand it only tensors of those devices)."""
+    """``torch.library.custom_op`` (torch 2.4) for the op ``OP_NAMESPACE::name``, or on older torch an op with the
+    same surface that runs eagerly (and leaves ``device_types`` to its callers, which hand it only tensors of those
+    devices)."""
+    qualified = f"{OP_NAMESPACE}::{name}"
     if HAS_CUSTOM_OP:
-        return torch.library.custom_op(name, mutates_args=mutates_args, device_types=device_types)
-    return lambda fn: _EagerCustomOp(name, fn)
+        return torch.library.custom_op(qualified, mutates_args=mutates_args, device_types=device_types)
+    return lambda fn: _EagerCustomOp(qualified, fn)
 
 
 def eager_op(fn: Callable) -> Callable:

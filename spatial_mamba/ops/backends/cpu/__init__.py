@@ -400,7 +400,7 @@ def _fusion_backward(h, taps, C, u, D, dy, needs: Tuple[bool, ...]) -> Tuple[tor
     return _present(grads, h)
 
 
-@compat.custom_op("spatial_mamba::state_fusion_cpu_fwd", mutates_args=(), device_types="cpu")
+@compat.custom_op("state_fusion_cpu_fwd", mutates_args=(), device_types="cpu")
 def state_fusion_cpu_fwd(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return _fusion(h, taps)
 
@@ -410,7 +410,7 @@ def _(h, taps):
     return _empty(h, backend.token_major(h))
 
 
-@compat.custom_op("spatial_mamba::state_fusion_cpu_bwd", mutates_args=(), device_types="cpu")
+@compat.custom_op("state_fusion_cpu_bwd", mutates_args=(), device_types="cpu")
 def state_fusion_cpu_bwd(
     h: torch.Tensor, taps: torch.Tensor, dy: torch.Tensor, need_dh: bool, need_dtaps: bool
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -437,7 +437,7 @@ def _state_fusion_backward(ctx, dy):
 state_fusion_cpu_fwd.register_autograd(_state_fusion_backward, setup_context=_save_inputs)
 
 
-@compat.custom_op("spatial_mamba::fused_observation_cpu_fwd", mutates_args=(), device_types="cpu")
+@compat.custom_op("fused_observation_cpu_fwd", mutates_args=(), device_types="cpu")
 def fused_observation_cpu_fwd(
     h: torch.Tensor, taps: torch.Tensor, C: torch.Tensor, u: torch.Tensor, D: torch.Tensor
 ) -> torch.Tensor:
@@ -449,7 +449,7 @@ def _(h, taps, C, u, D):
     return _empty(h, backend.token_major(h))
 
 
-@compat.custom_op("spatial_mamba::fused_observation_cpu_bwd", mutates_args=(), device_types="cpu")
+@compat.custom_op("fused_observation_cpu_bwd", mutates_args=(), device_types="cpu")
 def fused_observation_cpu_bwd(
     h: torch.Tensor,
     taps: torch.Tensor,
@@ -543,7 +543,7 @@ def _scan_inputs(u, delta, A, B, delta_bias):
     return (tokens, backend.as_layout(u, tokens), backend.as_layout(delta, tokens), *_contiguous(A, B, delta_bias))
 
 
-@compat.custom_op("spatial_mamba::selective_scan_cpu_fwd", mutates_args=(), device_types="cpu")
+@compat.custom_op("selective_scan_cpu_fwd", mutates_args=(), device_types="cpu")
 def selective_scan_cpu_fwd(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -568,7 +568,7 @@ def _(u, delta, A, B, delta_bias, delta_softplus):
     return _scan_outputs(u)
 
 
-@compat.custom_op("spatial_mamba::selective_scan_cpu_bwd", mutates_args=(), device_types="cpu")
+@compat.custom_op("selective_scan_cpu_bwd", mutates_args=(), device_types="cpu")
 def selective_scan_cpu_bwd(
     u: torch.Tensor,
     delta: torch.Tensor,

@@ -196,7 +196,7 @@ def _availability(extension: str) -> Callable[[], Tuple[bool, str]]:
 
 
 def _register_selective_scan_ops(ext: ModuleType):
-    @compat.custom_op("spatial_mamba::selective_scan_cuda_fwd", mutates_args=())
+    @compat.custom_op("selective_scan_cuda_fwd", mutates_args=())
     def selective_scan_cuda_fwd(
         u: torch.Tensor,
         delta: torch.Tensor,
@@ -211,7 +211,7 @@ def _register_selective_scan_ops(ext: ModuleType):
     def _(u, delta, A, B, delta_bias, delta_softplus):
         return u.new_empty((u.shape[0], u.shape[1], A.shape[1], u.shape[2]), dtype=torch.float32)
 
-    @compat.custom_op("spatial_mamba::selective_scan_cuda_bwd", mutates_args=())
+    @compat.custom_op("selective_scan_cuda_bwd", mutates_args=())
     def selective_scan_cuda_bwd(
         u: torch.Tensor,
         delta: torch.Tensor,
@@ -252,7 +252,7 @@ def _register_selective_scan_ops(ext: ModuleType):
 
 
 def _register_dwconv2d_ops(ext: ModuleType):
-    @compat.custom_op("spatial_mamba::dwconv2d_cuda_fwd", mutates_args=())
+    @compat.custom_op("dwconv2d_cuda_fwd", mutates_args=())
     def dwconv2d_cuda_fwd(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
         return ext.fwd(x, weight, dilation)
 
@@ -260,7 +260,7 @@ def _register_dwconv2d_ops(ext: ModuleType):
     def _(x, weight, dilation):
         return torch.empty_like(x)
 
-    @compat.custom_op("spatial_mamba::dwconv2d_cuda_dgrad", mutates_args=())
+    @compat.custom_op("dwconv2d_cuda_dgrad", mutates_args=())
     def dwconv2d_cuda_dgrad(dy: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
         return ext.dgrad(dy, weight, dilation)
 
@@ -268,7 +268,7 @@ def _register_dwconv2d_ops(ext: ModuleType):
     def _(dy, weight, dilation):
         return torch.empty_like(dy)
 
-    @compat.custom_op("spatial_mamba::dwconv2d_cuda_wgrad", mutates_args=())
+    @compat.custom_op("dwconv2d_cuda_wgrad", mutates_args=())
     def dwconv2d_cuda_wgrad(dy: torch.Tensor, x: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
         return ext.wgrad(dy, x, kernel_size, dilation)
 
@@ -295,7 +295,7 @@ def _register_dwconv2d_ops(ext: ModuleType):
 
 
 def _register_state_fusion_ops(ext: ModuleType):
-    @compat.custom_op("spatial_mamba::state_fusion_cuda_fwd", mutates_args=())
+    @compat.custom_op("state_fusion_cuda_fwd", mutates_args=())
     def state_fusion_cuda_fwd(h: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
         return ext.fwd(h, taps)
 
@@ -303,7 +303,7 @@ def _register_state_fusion_ops(ext: ModuleType):
     def _(h, taps):
         return torch.empty_like(h)
 
-    @compat.custom_op("spatial_mamba::state_fusion_cuda_bwd", mutates_args=())
+    @compat.custom_op("state_fusion_cuda_bwd", mutates_args=())
     def state_fusion_cuda_bwd(
         h: torch.Tensor, taps: torch.Tensor, dy: torch.Tensor, need_dh: bool, need_dtaps: bool
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +329,7 @@ def _register_state_fusion_ops(ext: ModuleType):
 
 
 def _register_fused_observation_ops(ext: ModuleType):
-    @compat.custom_op("spatial_mamba::fused_observation_cuda_fwd", mutates_args=())
+    @compat.custom_op("fused_observation_cuda_fwd", mutates_args=())
     def fused_observation_cuda_fwd(
         h: torch.Tensor, taps: torch.Tensor, C: torch.Tensor, u: torch.Tensor, D: torch.Tensor
     ) -> torch.Tensor:
@@ -339,7 +339,7 @@ def _register_fused_observation_ops(ext: ModuleType):
     def _(h, taps, C, u, D):
         return torch.empty_like(h)
 
-    @compat.custom_op("spatial_mamba::fused_observation_cuda_bwd", mutates_args=())
+    @compat.custom_op("fused_observation_cuda_bwd", mutates_args=())
     def fused_observation_cuda_bwd(
         h: torch.Tensor,
         taps: torch.Tensor,
