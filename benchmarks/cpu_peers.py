@@ -340,6 +340,40 @@ def main(argv=None):
         versions.update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
 
     results = {}
+
+    def write_report() -> dict:
+        # Written after every case, so that a run stopped midway (out of memory at 1024x1024, say) keeps the cases
+        # it finished.
+        report = {
+            "benchmark": "cpu_peers",
+            "command": [sys.executable, *sys.argv] if argv is None else ["cpu_peers.py", *argv],
+            "git_commit": git_commit(),
+            "smoke": args.smoke,
+            "models": {
+                label: MODELS[label] if label in MODELS else f"{TRAIN_ONLY[label][0]} {TRAIN_ONLY[label][1]}"
+                for label in labels
+            },
+            "cases": {case: dict(zip(("train", "batch", "img_size"), shape)) for case, shape in shapes.items()},
+            "paths": paths,
+            "compile_options": COMPILE_OPTIONS,
+            "onnx_opset": OPSET,
+            "rounds": rounds,
+            **versions,
+            "threads": torch.get_num_threads(),
+            "cpu": cpu_kernels.describe_cpu(),
+            "cpu_count": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
+            "goals": {"inference_every_path": INFERENCE_GOAL, "training_eager": TRAINING_GOAL},
+            "goal_checks": goals(results),
+            "results": results,
+        }
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        partial.replace(out)  # a reader never sees half a report
+        return report
+
     print(f"ratio to {REFERENCE} (median seconds) per path; compile and export seconds apart")
     print(f"{'case':<16}{'model':<22}" + "".join(f"{TITLES[p]:>18}" for p in paths) + "  setup")
     with tempfile.TemporaryDirectory(prefix="cpu_peers_") as folder:
@@ -348,37 +382,13 @@ def main(argv=None):
         for case in cases:
             results[case] = run_case(case, shapes[case], paths, labels, rounds, Path(folder), args.smoke)
             print_table(case, results[case], paths)
+            write_report()
     checks = goals(results)
     print(f"{OURS} against its goals (ratio to {REFERENCE}):")
     for check in checks:
         verdict = {True: "met", False: "not met", None: "not measured"}[check["met"]]
         value = check["ratio"] if check["ratio"] == NA else f"{check['ratio']:.2f}"
         print(f"  {check['case']} {check['path']}: {value} <= {check['goal']}: {verdict}")
-    report = {
-        "benchmark": "cpu_peers",
-        "command": [sys.executable, *sys.argv] if argv is None else ["cpu_peers.py", *argv],
-        "git_commit": git_commit(),
-        "smoke": args.smoke,
-        "models": {
-            label: MODELS[label] if label in MODELS else f"{TRAIN_ONLY[label][0]} {TRAIN_ONLY[label][1]}"
-            for label in labels
-        },
-        "cases": {case: dict(zip(("train", "batch", "img_size"), shape)) for case, shape in shapes.items()},
-        "paths": paths,
-        "compile_options": COMPILE_OPTIONS,
-        "onnx_opset": OPSET,
-        "rounds": rounds,
-        **versions,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_kernels.describe_cpu(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-        "goals": {"inference_every_path": INFERENCE_GOAL, "training_eager": TRAINING_GOAL},
-        "goal_checks": checks,
-        "results": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(f"report written to {args.out}")
 
 
