@@ -11,16 +11,22 @@ position, so it changes nothing before it):
 - inside a chunk, from a zero state: x_t = sum_{s <= t} exp(S_t - S_s) b_s, with S the cumulative sum of a inside
   the chunk. The (CHUNK x CHUNK) decay matrix has exponents S_t - S_s <= 0 where s <= t and -inf elsewhere, so
   every factor lies in [0, 1];
-- the state entering chunk c is h_c = sum_{c' < c} exp(P_{c-1} - P_{c'}) e_{c'}, where e is each chunk's
-  zero-state end value and P the cumulative sum of the chunk totals of a. P grows with L, so it is accumulated in
-  float64: a float32 difference of two large sums would lose the small exponents that matter;
-- x_t = (zero-state value) + exp(S_t) h_c.
+- the state entering chunk c is the true end state of chunk c - 1. The end states follow the same recurrence one
+  level up, E_c = exp(T_c) E_{c-1} + e_c, with T_c the chunk's total of a and e_c its zero-state end value; that
+  recurrence is solved the same way, in groups of ``CHUNK`` chunks, and the state entering each group from the dense
+  (G x G) form sum_{g' < g} exp(P_{g-1} - P_{g'}) e'_{g'} over the G groups. P grows with L, so the sums above the
+  first level are accumulated in float64: a float32 difference of two large sums would lose the small exponents
+  that matter;
+- x_t = (zero-state value) + exp(S_t) E_{c-1}.
 
-Costs CHUNK multiply-adds per state instead of one, and memory for one (CHUNK x CHUNK) matrix per chunk and one
-(C x C) matrix of chunk carries: fine for inference at image sizes, which is all it is used for.
+Costs CHUNK multiply-adds per state instead of one, and memory for one (CHUNK x CHUNK) matrix per chunk, one per
+group of chunks and one (G x G) matrix, G = L / CHUNK**2: linear in L up to very long rows (a 1024x1024 image's first
+stage has L = 65536 and G = 66; a single level of chunks had a (2050 x 2050) float64 matrix per channel there).
 """
 
 from __future__ import annotations
+
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +49,43 @@ def _exp_lower(diff: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     k = diff.shape[-1]
     upper = torch.ones(k, k, dtype=torch.bool, device=diff.device).triu(1)
     return diff.to(dtype).masked_fill(upper, float("-inf")).exp()
+
+
+def _chunks(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """x (..., L) zero-padded to (..., count, CHUNK), and count. At least one padded position and two chunks for
+    every L: a pad of zero or a single chunk would be special cases (size 0 or 1) that an exported graph with a
+    symbolic L would have to guard against."""
+    length = x.shape[-1]
+    count = length // CHUNK + 2
+    return F.pad(x, (0, count * CHUNK - length)).reshape(*x.shape[:-1], count, CHUNK), count
+
+
+def _zero_state_chunks(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per chunk of (..., count, CHUNK) log-decays a and inputs b: (the states from a zero state at each chunk's
+    start, the cumulative sums S of a inside each chunk)."""
+    within = a.cumsum(-1)
+    local = torch.einsum("...ts,...s->...t", _exp_lower(within[..., :, None] - within[..., None, :], dtype), b)
+    return local, within
+
+
+def _end_states(totals: torch.Tensor, ends: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The true end state of every chunk, E_c = exp(T_c) E_{c-1} + e_c from E_{-1} = 0, for chunk totals T and
+    zero-state end values e (..., C): the same recurrence, solved in groups of CHUNK chunks (in float64, see above)."""
+    length = totals.shape[-1]
+    a, count = _chunks(totals.to(torch.float64))
+    b, _ = _chunks(ends.to(torch.float64))
+    local, within = _zero_state_chunks(a, b, torch.float64)
+    group_totals = within[..., -1].cumsum(-1)  # P_g
+    # The state entering group g: row g - 1 of the dense lower form, shifted down one row with a zero state entering
+    # group 0.
+    group_ends = torch.einsum(
+        "...ts,...s->...t",
+        _exp_lower(group_totals[..., :, None] - group_totals[..., None, :], torch.float64),
+        local[..., -1],
+    )
+    carry = F.pad(group_ends, (1, 0))[..., :count]
+    states = local + within.exp() * carry[..., None]
+    return states.reshape(*totals.shape[:-1], count * CHUNK)[..., :length].to(dtype)
 
 
 def selective_scan_export(
@@ -68,27 +111,11 @@ def selective_scan_export(
         dt = dt + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         dt = _softplus(dt)
-    # At least one padded position and two chunks for every L: a pad of zero or a single chunk would be special
-    # cases (size 0 or 1) that an exported graph with a symbolic L would have to guard against.
-    count = length // CHUNK + 2
-    pad = count * CHUNK - length
-
     # (Bt, Dn, N, C, K): log-decays a_t and inputs b_t in chunks; padded positions have a = b = 0.
-    a = F.pad(dt[:, :, None, :] * A.to(dtype)[None, :, :, None], (0, pad)).reshape(
-        batch, channels, states, count, CHUNK
-    )
-    b = F.pad((dt * u.to(dtype))[:, :, None, :] * B.to(dtype)[:, None], (0, pad))
-    b = b.reshape(batch, channels, states, count, CHUNK)
-
-    within = a.cumsum(-1)  # S_t inside each chunk
-    local = torch.einsum("...ts,...s->...t", _exp_lower(within[..., :, None] - within[..., None, :], dtype), b)
-
-    totals = within[..., -1].to(torch.float64).cumsum(-1)  # P_c, (Bt, Dn, N, C)
-    # carry into chunk c: sum over c' <= c - 1 of exp(P_{c-1} - P_{c'}) e_{c'}; row c of the lower matrix is chunk
-    # c - 1's sum, so the rows are shifted down by one with a zero state entering chunk 0.
-    ends = torch.einsum(
-        "...ts,...s->...t", _exp_lower(totals[..., :, None] - totals[..., None, :], dtype), local[..., -1]
-    )
-    carry = F.pad(ends, (1, 0))[..., :count]
+    a, count = _chunks(dt[:, :, None, :] * A.to(dtype)[None, :, :, None])
+    b, _ = _chunks((dt * u.to(dtype))[:, :, None, :] * B.to(dtype)[:, None])
+    local, within = _zero_state_chunks(a, b, dtype)
+    # The state entering chunk c is chunk c - 1's true end state; zero enters chunk 0.
+    carry = F.pad(_end_states(within[..., -1], local[..., -1], dtype), (1, 0))[..., :count]
     hs = local + within.exp() * carry[..., None]
     return hs.reshape(batch, channels, states, count * CHUNK)[..., :length]

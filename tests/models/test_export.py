@@ -45,12 +45,19 @@ def _sequential_scan(u, delta, A, B, bias):
     return torch.stack(out, -1)
 
 
-@pytest.mark.parametrize("length", [1, CHUNK - 1, CHUNK, CHUNK + 1, 196, 3136])
-def test_export_scan_is_float32_accurate_against_the_float64_recurrence(length):
-    """Measured: relative error (max |error| / max |x|) at most 7e-7 for rows up to 4000 positions; 4e-6 allowed."""
+@pytest.mark.parametrize(
+    "length, memory",
+    [(1, "short"), (CHUNK - 1, "short"), (CHUNK, "short"), (CHUNK + 1, "short"), (196, "short"), (3136, "short")]
+    + [(CHUNK * CHUNK + 1, "long"), (3 * CHUNK * CHUNK + 7, "long"), (20000, "long")],
+)
+def test_export_scan_is_float32_accurate_against_the_float64_recurrence(length, memory):
+    """Measured: relative error (max |error| / max |x|) at most 7e-7 for rows up to 4000 positions; 4e-6 allowed.
+    With long memory (decays of 1e-5 to 1e-3 per position) a state carries across many groups of CHUNK chunks, so
+    every level of the end-state recurrence counts."""
     g = torch.Generator().manual_seed(length)
     u, delta = torch.randn(2, 8, length, generator=g), torch.randn(2, 8, length, generator=g) - 1
-    A = -(torch.rand(8, 2, generator=g) * 2 + 0.05)
+    scale, floor = (2, 0.05) if memory == "short" else (1e-3, 1e-5)
+    A = -(torch.rand(8, 2, generator=g) * scale + floor)
     B, bias = torch.randn(2, 2, length, generator=g), 0.5 * torch.randn(8, generator=g)
     expected = _sequential_scan(*(t.double() for t in (u, delta, A, B, bias)))
     got = selective_scan_export(u, delta, A, B, bias, True)
