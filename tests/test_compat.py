@@ -13,7 +13,7 @@ def _scaled_op():
     """y = 3·x through compat.custom_op, computed on a detached tensor: a gradient can only come from the registered
     backward."""
 
-    @compat.custom_op("spatial_mamba_tests::scale_by_three", mutates_args=())
+    @compat.custom_op("scale_by_three_for_tests", mutates_args=())
     def scale(x: torch.Tensor) -> torch.Tensor:
         return x.detach() * 3
 
