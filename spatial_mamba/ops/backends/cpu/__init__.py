@@ -642,10 +642,8 @@ def selective_scan_cpu(u, delta, A, B, delta_bias, delta_softplus) -> torch.Tens
     if reasons:
         raise ValueError(f"selective_scan: the cpu kernels cannot take {'; '.join(reasons)}")
     B = B.squeeze(1) if B.dim() == 4 else B
-    tokens = backend.token_major(u)
-    args = _contiguous(A, B, delta_bias)
-    u, delta = backend.as_layout(u, tokens), backend.as_layout(delta, tokens)
-    return selective_scan_cpu_fwd(u, delta, *args, bool(delta_softplus))[0]
+    _, *inputs = _scan_inputs(u, delta, A, B, delta_bias)
+    return selective_scan_cpu_fwd(*inputs, bool(delta_softplus))[0]
 
 
 backend.register("state_fusion", "cpu", state_fusion_cpu, available, supports=supports, status=status)
